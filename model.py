@@ -1,0 +1,357 @@
+"""
+The codecgpt Transformer: a decoder-only language model over codec tokens.
+
+The architecture is exactly the one the reference recipe built with x-transformers
+(TransformerWrapper + Decoder(rotary_pos_emb=True)), so its weights load into ours:
+
+    tokens -> embedding -> dropout
+           -> depth x [ x = x + Attention(LayerNorm(x)) ; x = x + MLP(LayerNorm(x)) ]
+           -> LayerNorm -> Linear (no bias) -> logits
+
+- LayerNorm has a gain and no bias (x-transformers stores gain - 1 as `gamma`).
+- Attention uses rotary position embeddings on the first `rotary_dim` dims of every head, with
+  *interleaved* pairs (x0, x1), (x2, x3), ... (GPT-J style); there is no absolute position embedding.
+- The MLP is Linear -> exact GELU -> Linear, 4x wide, with biases.
+
+Sampling uses a key/value cache: the prompt is run once (prefill) and then each new token costs one
+position (decode), instead of re-running the whole prefix for every token as the reference does.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 2049          # 2 levels x 1024 codes + BOS (see data.CodecTokenizer)
+    max_seq_len: int = 250          # positions the model ever sees: BOS + 249 tokens when sampling 250
+    dim: int = 256
+    depth: int = 6
+    heads: int = 4
+    dim_head: int = 64              # like x-transformers, independent of dim: inner width = heads * dim_head
+    rotary_dim: int | None = None   # dims of each head that rotate; None = dim_head // 2 like x-transformers
+    dropout: float = 0.1            # on embeddings, attention weights and the MLP's hidden layer
+
+    def __post_init__(self):
+        if self.rotary_dim is None:
+            self.rotary_dim = self.dim_head // 2
+        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.dim_head:
+            raise ValueError(f"rotary_dim must be even and in (0, dim_head], got {self.rotary_dim}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rotary position embedding
+
+def rotary_tables(max_len: int, rotary_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos and sin tables (max_len, rotary_dim) in the interleaved layout f0, f0, f1, f1, ..."""
+    inv_freq = 1.0 / base ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim)
+    angles = torch.outer(torch.arange(max_len).float(), inv_freq)   # (max_len, rotary_dim / 2)
+    angles = angles.repeat_interleave(2, dim=-1)                      # (max_len, rotary_dim)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin) in the first cos.shape[-1] dims.
+
+    x: (B, heads, T, dim_head); cos, sin: (T, rotary_dim) for the absolute positions of x's T rows.
+    Computed in float32 (like x-transformers) and returned in x's dtype.
+    """
+    rot = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot].float(), x[..., rot:]
+    x1, x2 = x_rot.unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)  # (x0, x1) -> (-x1, x0)
+    x_rot = x_rot * cos + rotated * sin
+    return torch.cat((x_rot.to(x.dtype), x_pass), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention with a key/value cache
+
+class KVCache:
+    """Preallocated keys and values of one layer: (batch, heads, max_len, dim_head) each."""
+
+    def __init__(self, batch_size: int, heads: int, max_len: int, dim_head: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (batch_size, heads, max_len, dim_head)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, start_pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, heads, T, dim_head) at positions start_pos.. and return all keys and values so far."""
+        end = start_pos + k.shape[2]
+        self.k[:, :, start_pos:end] = k
+        self.v[:, :, start_pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float) -> Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v, written out. mask: (Tq, Tk) bool, True = may attend."""
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.float().softmax(dim=-1).to(q.dtype)  # softmax in float32, like x-transformers
+    weights = F.dropout(weights, dropout_p) if dropout_p > 0 else weights
+    return weights @ v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.heads, self.dim_head = cfg.heads, cfg.dim_head
+        inner = cfg.heads * cfg.dim_head
+        self.qkv = nn.Linear(cfg.dim, 3 * inner, bias=False)  # one matmul for q, k and v
+        self.out = nn.Linear(inner, cfg.dim, bias=False)
+        self.dropout = cfg.dropout
+        self.fused = False  # False: explicit_attention; True: F.scaled_dot_product_attention (flash on CUDA)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, causal_mask: Tensor,
+                start_pos: int = 0, cache: KVCache | None = None) -> Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(start_pos, k, v)
+        # Queries sit at positions start_pos .. start_pos+T-1 and keys at 0 .. start_pos+T-1, so the causal
+        # mask is the slice of the full lower triangle whose last row is the last query (bottom-right aligned).
+        # SDPA's is_causal=True aligns the mask top-left instead, which is only right when T == number of keys:
+        # with a cache and fewer queries than keys it would hide the cache (x-transformers issue 187).
+        mask = None if T == 1 else causal_mask[start_pos:start_pos + T, :start_pos + T]
+        dropout_p = self.dropout if self.training else 0.0
+        if self.fused:
+            square = T == k.shape[2]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if square else mask,
+                                               is_causal=square and T > 1, dropout_p=dropout_p)
+        else:
+            y = explicit_attention(q, k, v, mask, dropout_p)
+        return self.out(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.dim, 4 * cfg.dim)
+        self.down = nn.Linear(4 * cfg.dim, cfg.dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(self.dropout(F.gelu(self.up(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, bias=False)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.dim, bias=False)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, causal_mask: Tensor,
+                start_pos: int = 0, cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, causal_mask, start_pos, cache)
+        return x + self.mlp(self.norm2(x))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.dim, bias=False)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)  # not tied to the embedding
+        cos, sin = rotary_tables(cfg.max_seq_len, cfg.rotary_dim)
+        # Tables and mask are derived from the config, so they stay out of the state dict (persistent=False).
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        causal = torch.ones(cfg.max_seq_len, cfg.max_seq_len, dtype=torch.bool).tril()
+        self.register_buffer("causal_mask", causal, persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale the residual projections by depth
+            if name.endswith("attn.out.weight") or name.endswith("mlp.down.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.depth))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def set_attention(self, kind: str) -> None:
+        """'explicit' (matmul, mask, softmax: the one to read) or 'fused' (scaled_dot_product_attention)."""
+        if kind not in ("explicit", "fused"):
+            raise ValueError(f"attention must be 'explicit' or 'fused', got {kind!r}")
+        for block in self.blocks:
+            block.attn.fused = kind == "fused"
+
+    def forward(self, idx: Tensor, start_pos: int = 0, caches: list[KVCache] | None = None) -> Tensor:
+        """idx: (B, T) token ids at positions start_pos.. -> logits (B, T, vocab_size).
+
+        With caches (one KVCache per block), keys and values of earlier positions come from the cache
+        and this call's are written into it.
+        """
+        T = idx.shape[1]
+        if start_pos + T > self.cfg.max_seq_len:
+            raise ValueError(f"positions up to {start_pos + T} exceed max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self.cos[start_pos:start_pos + T], self.sin[start_pos:start_pos + T]
+        x = self.dropout(self.embed(idx))
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, self.causal_mask, start_pos, None if caches is None else caches[i])
+        return self.head(self.norm(x))
+
+    # ------------------------------------------------------------------------------------------------
+    # Sampling
+
+    def new_caches(self, batch_size: int, max_len: int) -> list[KVCache]:
+        p = self.head.weight
+        return [KVCache(batch_size, self.cfg.heads, max_len, self.cfg.dim_head, p.dtype, p.device)
+                for _ in range(self.cfg.depth)]
+
+    def prefill(self, prompt: Tensor, caches: list[KVCache]) -> Tensor:
+        """Run the whole prompt once, filling the caches; returns the logits of its last position (B, vocab)."""
+        return self(prompt, 0, caches)[:, -1]
+
+    def decode_one_token(self, token: Tensor, pos: int, caches: list[KVCache]) -> Tensor:
+        """Run one token (B,) at position pos against the cache; returns its logits (B, vocab)."""
+        return self(token[:, None], pos, caches)[:, -1]
+
+    @torch.inference_mode()
+    def generate(self, prompt: Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, use_kv_cache: bool = True,
+                 generator: torch.Generator | None = None, allowed: Tensor | None = None) -> Tensor:
+        """Sample max_new_tokens after prompt (B, T0); returns (B, T0 + max_new_tokens), prompt included.
+
+        temperature 0 is greedy. allowed: optional bool tensor (T0 + max_new_tokens, vocab_size); row p says
+        which tokens may be sampled at position p (used to sample only codes of the level a position holds).
+        use_kv_cache=False re-runs the whole sequence for every token, like the reference recipe.
+        """
+        B, T0 = prompt.shape
+        total = T0 + max_new_tokens
+        # The last sampled token is never fed back, so the model sees at most total - 1 positions.
+        if total - 1 > self.cfg.max_seq_len:
+            raise ValueError(f"prompt ({T0}) + new tokens ({max_new_tokens}) need {total - 1} positions; "
+                             f"the model has max_seq_len={self.cfg.max_seq_len}")
+        was_training = self.training
+        self.eval()
+        tokens = torch.empty(B, total, dtype=torch.long, device=prompt.device)
+        tokens[:, :T0] = prompt
+        caches = self.new_caches(B, total - 1) if use_kv_cache else None
+        logits = self.prefill(prompt, caches) if use_kv_cache else self(prompt)[:, -1]
+        for pos in range(T0, total):
+            mask = None if allowed is None else allowed[pos]
+            tokens[:, pos] = sample_next(logits, temperature, top_k, top_p, generator, mask)
+            if pos + 1 == total:
+                break
+            if use_kv_cache:
+                logits = self.decode_one_token(tokens[:, pos], pos, caches)
+            else:
+                logits = self(tokens[:, :pos + 1])[:, -1]
+        self.train(was_training)
+        return tokens
+
+    # ------------------------------------------------------------------------------------------------
+    # Loading the reference recipe's x-transformers weights
+
+    @classmethod
+    def from_x_transformers(cls, state_dict: dict[str, Tensor], heads: int, dim_head: int = 64,
+                            max_seq_len: int = 250) -> GPT:
+        """Build a GPT from a state dict of x-transformers' TransformerWrapper(attn_layers=Decoder(
+        rotary_pos_emb=True)) (or of an AutoregressiveWrapper around one) and copy every weight.
+
+        heads and dim_head cannot be told apart from the weights (to_q is (heads * dim_head, dim)), so they are
+        given. Raises ValueError naming what does not map when the state dict has anything else.
+        """
+        sd = {k.removeprefix("net."): v for k, v in state_dict.items()}
+        used: set[str] = set()
+
+        def take(key: str) -> Tensor:
+            if key not in sd:
+                raise ValueError(f"x-transformers state dict has no {key!r}: not a rotary Decoder we can map")
+            used.add(key)
+            return sd[key]
+
+        vocab_size, dim = take("token_emb.emb.weight").shape
+        depth = 0
+        while f"attn_layers.layers.{2 * depth}.1.to_q.weight" in sd:
+            depth += 1
+        if depth == 0:
+            raise ValueError("x-transformers state dict has no attention layers (attn_layers.layers.0.1.to_q.weight)")
+        inner = sd["attn_layers.layers.0.1.to_q.weight"].shape[0]
+        if inner != heads * dim_head:
+            raise ValueError(f"to_q has {inner} outputs but heads * dim_head = {heads} * {dim_head}")
+        if "attn_layers.rotary_pos_emb.inv_freq" not in sd:
+            raise ValueError("x-transformers state dict has no rotary_pos_emb: only rotary decoders map to GPT")
+        inv_freq = take("attn_layers.rotary_pos_emb.inv_freq")
+        rotary_dim = 2 * inv_freq.numel()
+        expected = 1.0 / 10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim)
+        if not torch.allclose(inv_freq.float().cpu(), expected):
+            raise ValueError("rotary inv_freq is not base 10000 (xpos / rescaled rotary are not supported)")
+
+        cfg = GPTConfig(vocab_size=vocab_size, max_seq_len=max_seq_len, dim=dim, depth=depth, heads=heads,
+                        dim_head=dim_head, rotary_dim=rotary_dim, dropout=0.0)
+        model = cls(cfg)
+        new = {"embed.weight": take("token_emb.emb.weight"),
+               "norm.weight": take("attn_layers.final_norm.gamma") + 1,  # x-transformers stores gain - 1
+               "head.weight": take("to_logits.weight")}
+        for i in range(depth):
+            a, f, b = f"attn_layers.layers.{2 * i}", f"attn_layers.layers.{2 * i + 1}", f"blocks.{i}"
+            new[f"{b}.norm1.weight"] = take(f"{a}.0.0.gamma") + 1
+            new[f"{b}.attn.qkv.weight"] = torch.cat([take(f"{a}.1.to_{n}.weight") for n in "qkv"])
+            # With one head and dim == dim_head, x-transformers has no to_out (Identity).
+            new[f"{b}.attn.out.weight"] = (take(f"{a}.1.to_out.weight") if f"{a}.1.to_out.weight" in sd
+                                           else torch.eye(dim))
+            new[f"{b}.norm2.weight"] = take(f"{f}.0.0.gamma") + 1
+            for ours, theirs in (("up", "ff.0.0"), ("down", "ff.2")):
+                new[f"{b}.mlp.{ours}.weight"] = take(f"{f}.1.{theirs}.weight")
+                new[f"{b}.mlp.{ours}.bias"] = take(f"{f}.1.{theirs}.bias")
+        unused = sorted(set(sd) - used)
+        if unused:
+            raise ValueError(f"x-transformers state dict has weights GPT cannot map: {', '.join(unused[:8])}"
+                             + (" ..." if len(unused) > 8 else ""))
+        try:
+            model.load_state_dict(new, strict=True)
+        except RuntimeError as e:  # shape mismatch, e.g. an MLP that is not 4x wide
+            raise ValueError(f"x-transformers weights do not fit GPT({cfg}): {e}") from None
+        return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling one token
+
+def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                generator: torch.Generator | None = None, allowed: Tensor | None = None) -> Tensor:
+    """Pick one token per row of logits (B, vocab) -> (B,).
+
+    allowed (vocab,) bool removes tokens first; temperature 0 takes the argmax; top_k keeps the k most likely
+    tokens; top_p keeps the smallest set whose probability reaches p (nucleus sampling).
+    """
+    logits = logits.float()
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens before it already reach top_p (so the most likely one always stays)
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
