@@ -329,6 +329,38 @@ class GPT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Checkpoints
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used, reported as one line naming the file."""
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """torch.load with weights_only=True: a checkpoint holds tensors and plain values only, so loading one
+    never runs pickled code. Any problem becomes a CheckpointError naming the file."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint") from None
+    except Exception as e:  # truncated, not a torch file, or holding objects that weights_only refuses
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({reason})") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (a {type(ckpt).__name__}, expected a dict)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, path: str = "checkpoint") -> GPT:
+    """The GPT saved by train.py (config + weights)."""
+    try:
+        model = GPT(GPTConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: model does not match its config ({str(e).splitlines()[0]})") from None
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
 # Sampling one token
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,

@@ -1,0 +1,713 @@
+"""
+From audio files to token sequences, and back.
+
+    audio files --read_audio--> 24 kHz mono --Codec.encode--> codes (levels, frames) --CodecTokenizer--> tokens
+                                                   (cached on disk by encode_files)
+
+- Audio: any .wav/.flac/.mp3/.ogg under a folder, read with soundfile, mixed to mono, resampled to 24 kHz and
+  cut or zero-padded to a fixed length. Files that cannot be read are skipped and counted, never fatal.
+- Codec: the pretrained EnCodec 24 kHz model (downloaded once), or an untrained one whose codebooks are fitted
+  by k-means on the data, for offline runs and tests.
+- Token cache: encoding is the slow part, so codes are stored once per folder and codec in one .npz file
+  (uint16 codes + a JSON manifest of file sizes and mtimes); changed or new files are encoded again.
+- Tokenizer: interleaves the codec's levels into one stream, frame by frame (see CodecTokenizer).
+- Datasets: the reference's NSynth guitar MP3 set (downloaded once), any folder, or synthetic plucked strings.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import warnings
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+from tqdm import tqdm
+
+SAMPLE_RATE = 24_000     # EnCodec 24 kHz
+FRAME_RATE = 75          # codec frames per second (hop of 320 samples)
+HOP = SAMPLE_RATE // FRAME_RATE
+CODEBOOK_SIZE = 1024     # codes per level
+BANDWIDTH_LEVELS = {1.5: 2, 3.0: 4, 6.0: 8}   # kbps -> number of codebooks (levels)
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg")
+DEFAULT_FRAMES = 125     # like the reference: 125 frames = 1.667 s = 250 tokens at 2 levels
+
+
+class DataError(Exception):
+    """A problem with the user's data or settings, reported as one message (no traceback)."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Audio files
+
+def find_audio(root: str | Path) -> list[Path]:
+    """All audio files under root, recursively, sorted. Symlinked folders are not followed (no loops);
+    folders named like audio files are not files and are left out."""
+    found = []
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = Path(folder) / name
+            if path.suffix.lower() in AUDIO_EXTENSIONS and not path.is_dir():
+                found.append(path)
+    return sorted(found)
+
+
+def read_audio(path: str | Path, num_samples: int) -> np.ndarray:
+    """The first num_samples of a file at 24 kHz mono float32, zero-padded if the file is shorter.
+
+    Only the part of the file that is needed is read, so long files cost no more than short ones.
+    Raises DataError with the reason when the file cannot be used.
+    """
+    from encodec.utils import convert_audio  # imported here: encodec pulls in torchaudio
+    try:
+        with sf.SoundFile(str(path)) as f:
+            sr = f.samplerate
+            needed = int(np.ceil(num_samples * sr / SAMPLE_RATE)) + 64  # a little extra for the resampler
+            audio = f.read(needed, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as e:
+        raise DataError(f"cannot read audio ({e})") from None
+    if audio.size == 0:
+        raise DataError("no samples")
+    if not np.isfinite(audio).all():
+        raise DataError("samples are NaN or infinite")
+    mono = torch.from_numpy(audio.mean(axis=1))[None]
+    wav = convert_audio(mono, sr, SAMPLE_RATE, 1)[0, :num_samples].numpy()
+    return np.pad(wav, (0, num_samples - len(wav)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The codec
+
+def _kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> torch.Tensor:
+    """Plain k-means on x (N, D) -> centroids (k, D). Distances by one matmul (EnCodec's own k-means
+    builds an (N, k, D) tensor, too big for a real data set)."""
+    centroids = x[torch.randint(len(x), (k,), generator=generator)]
+    for _ in range(iters):
+        dist = (x * x).sum(1, keepdim=True) - 2 * x @ centroids.T + (centroids * centroids).sum(1)
+        assign = dist.argmin(1)
+        counts = torch.bincount(assign, minlength=k).to(x.dtype)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        empty = counts == 0  # an empty cluster restarts at a random point
+        centroids = torch.where(empty[:, None], x[torch.randint(len(x), (k,), generator=generator)],
+                                sums / counts.clamp(min=1)[:, None])
+    return centroids
+
+
+class Codec:
+    """EnCodec 24 kHz at a fixed bandwidth: audio (B, samples) <-> codes (B, levels, frames).
+
+    kind 'pretrained': Meta's released weights. kind 'untrained': the same network with random weights
+    (from a fixed seed) whose codebooks are fitted to the data by k-means. An untrained EnCodec maps all audio
+    to code 0, because its codebooks start at zero and are only filled in training mode; fitting them makes the
+    codes carry information, so the whole pipeline can run and be tested offline.
+    """
+
+    def __init__(self, model, kind: str, bandwidth: float, seed: int | None = None):
+        self.model, self.kind, self.bandwidth, self.seed = model, kind, bandwidth, seed
+        self.levels = BANDWIDTH_LEVELS[bandwidth]
+        model.set_target_bandwidth(bandwidth)
+        model.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @staticmethod
+    def check_bandwidth(bandwidth: float) -> float:
+        if bandwidth not in BANDWIDTH_LEVELS:
+            raise DataError(f"--bandwidth must be one of {sorted(BANDWIDTH_LEVELS)} kbps, got {bandwidth}")
+        return float(bandwidth)
+
+    @classmethod
+    def pretrained(cls, bandwidth: float = 1.5, weights: str | Path | None = None) -> Codec:
+        """The released EnCodec 24 kHz weights: downloaded (and cached by torch.hub) or read from `weights`."""
+        from encodec import EncodecModel
+        bandwidth = cls.check_bandwidth(bandwidth)
+        with warnings.catch_warnings():  # encodec uses the deprecated torch.nn.utils.weight_norm
+            warnings.simplefilter("ignore", FutureWarning)
+            if weights is None:
+                try:
+                    model = EncodecModel.encodec_model_24khz()
+                except (urllib.error.URLError, OSError, RuntimeError) as e:
+                    raise DataError(
+                        f"Could not get the pretrained EnCodec weights (encodec_24khz-d7cc33bc.th): {e}. "
+                        "They are downloaded once by EncodecModel.encodec_model_24khz() and cached in "
+                        "~/.cache/torch/hub/checkpoints. To fix: run once on a machine with internet access, or "
+                        "download the file elsewhere and pass --codec-weights PATH. Without it, --codec untrained "
+                        "runs the whole pipeline offline with an untrained codec fitted to your data (the audio "
+                        "will not sound like the training notes).") from None
+            else:
+                model = EncodecModel.encodec_model_24khz(pretrained=False)
+                try:
+                    state = torch.load(weights, map_location="cpu", weights_only=True)
+                    model.load_state_dict(state)
+                except Exception as e:  # missing, truncated, or not EnCodec 24 kHz weights
+                    raise DataError(f"--codec-weights {weights}: not usable EnCodec 24 kHz weights ({e})") from None
+        return cls(model, "pretrained", bandwidth)
+
+    @classmethod
+    def untrained(cls, bandwidth: float = 1.5, seed: int = 0, codebooks: torch.Tensor | None = None) -> Codec:
+        """EnCodec with random weights from `seed`; codebooks (levels, 1024, 128) as fitted before, or None
+        to call fit() next."""
+        from encodec import EncodecModel
+        bandwidth = cls.check_bandwidth(bandwidth)
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.manual_seed(seed)
+            model = EncodecModel.encodec_model_24khz(pretrained=False)
+        codec = cls(model, "untrained", bandwidth, seed)
+        if codebooks is not None:
+            codec._set_codebooks(codebooks)
+        return codec
+
+    def _set_codebooks(self, codebooks: torch.Tensor) -> None:
+        for level, embed in enumerate(codebooks):
+            book = self.model.quantizer.vq.layers[level]._codebook
+            book.embed.copy_(embed)
+            book.embed_avg.copy_(embed)
+            book.cluster_size.fill_(1.0)
+            book.inited.fill_(1.0)
+
+    def codebooks(self) -> torch.Tensor:
+        """The codebooks in use: (levels, 1024, 128)."""
+        layers = self.model.quantizer.vq.layers[:self.levels]
+        return torch.stack([layer._codebook.embed.detach().cpu() for layer in layers])
+
+    @torch.inference_mode()
+    def fit(self, audio: torch.Tensor, iters: int = 20) -> None:
+        """Fit the codebooks to audio (B, samples) by residual k-means on the encoder's latents."""
+        latents = torch.cat([self.model.encoder(chunk[:, None].to(self.device)).cpu()
+                             for chunk in audio.split(16)])          # (B, 128, frames)
+        residual = latents.transpose(1, 2).reshape(-1, latents.shape[1]).float()
+        generator = torch.Generator().manual_seed(self.seed or 0)
+        books = []
+        for _ in range(self.levels):
+            centroids = _kmeans(residual, CODEBOOK_SIZE, iters, generator)
+            dist = (residual * residual).sum(1, keepdim=True) - 2 * residual @ centroids.T + (centroids ** 2).sum(1)
+            residual = residual - centroids[dist.argmin(1)]
+            books.append(centroids)
+        self._set_codebooks(torch.stack(books).to(self.device))
+
+    def identity(self) -> dict:
+        """What the codes depend on: goes into cache keys and checkpoints (tensors and plain values only)."""
+        ident = {"kind": self.kind, "bandwidth": self.bandwidth, "levels": self.levels, "sample_rate": SAMPLE_RATE}
+        if self.kind == "untrained":
+            books = self.codebooks()
+            ident.update(seed=self.seed, codebooks=books,
+                         codebooks_sha=hashlib.sha256(books.numpy().tobytes()).hexdigest()[:16])
+        return ident
+
+    @classmethod
+    def from_identity(cls, ident: dict, weights: str | Path | None = None) -> Codec:
+        """Rebuild the codec a checkpoint was trained with."""
+        if ident["kind"] == "pretrained":
+            return cls.pretrained(ident["bandwidth"], weights)
+        return cls.untrained(ident["bandwidth"], ident["seed"], ident["codebooks"])
+
+    def to(self, device) -> Codec:
+        self.model.to(device)
+        return self
+
+    @torch.inference_mode()
+    def encode(self, audio: torch.Tensor) -> torch.Tensor:
+        """audio (B, samples) float at 24 kHz -> codes (B, levels, samples // 320) long."""
+        codes, _scale = self.model.encode(audio[:, None].to(self.device))[0]
+        return codes
+
+    @torch.inference_mode()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, levels, frames) -> audio (B, frames * 320) float at 24 kHz."""
+        return self.model.decode([(codes.to(self.device), None)])[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Encoding with an on-disk token cache
+
+@dataclass
+class EncodedFiles:
+    codes: np.ndarray                 # (N, levels, frames) uint16, one row per usable file
+    files: list[Path]                 # the N files, in row order
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, reason) for files that were unusable
+
+
+def _save_npz_atomically(path: Path, **arrays) -> None:
+    """Write to a temporary file in the same folder, then rename: a reader sees the old file or the new one,
+    never half of one (also when the process is killed)."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def cache_path(cache_dir: str | Path, name: str, files: list[Path], codec: Codec, num_frames: int) -> Path:
+    """One cache file per (split name, folder, codec, length): changing any of them uses another file."""
+    ident = {k: v for k, v in codec.identity().items() if k != "codebooks"}
+    root = os.path.commonpath([str(f.resolve().parent) for f in files]) if files else ""
+    key = json.dumps({"root": root, "codec": ident, "frames": num_frames}, sort_keys=True)
+    return Path(cache_dir) / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"
+
+
+def _file_key(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns
+
+
+def encode_files(files: list[Path], codec: Codec, num_frames: int, cache: Path | None = None,
+                 batch_size: int = 32, save_every: float = 60.0, desc: str = "encoding") -> EncodedFiles:
+    """Encode the first num_frames frames of each file, reusing and updating the cache file.
+
+    A file is encoded again when its size or mtime changed. Progress is saved every `save_every` seconds,
+    so an interrupted run keeps what it did and the next run encodes only what is missing.
+    """
+    rows: dict[tuple, np.ndarray | str] = {}   # file key -> codes (levels, frames) or the reason it was skipped
+    if cache is not None and cache.exists():
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                manifest = json.loads(bytes(z["manifest"]).decode())
+                codes = z["codes"]
+            if manifest.get("frames") == num_frames and manifest.get("levels") == codec.levels:
+                for entry in manifest["entries"]:
+                    key = (entry["path"], entry["size"], entry["mtime_ns"])
+                    rows[key] = entry["error"] if entry["row"] is None else codes[entry["row"]]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError):
+            print(f"token cache {cache} is unreadable; encoding again", file=sys.stderr)
+            rows = {}
+
+    keys, skipped_now = [], []
+    for f in files:
+        try:
+            keys.append(_file_key(f))
+        except OSError as e:  # vanished, or a broken link
+            keys.append(None)
+            skipped_now.append((f, f"cannot stat ({e.strerror})"))
+    todo = [(f, k) for f, k in zip(files, keys) if k is not None and k not in rows]
+
+    def save() -> None:
+        if cache is None:
+            return
+        entries, arrays = [], []
+        for k in keys:
+            if k is None or k not in rows:
+                continue
+            value = rows[k]
+            entry = {"path": k[0], "size": k[1], "mtime_ns": k[2], "row": None, "error": None}
+            if isinstance(value, str):
+                entry["error"] = value
+            else:
+                entry["row"] = len(arrays)
+                arrays.append(value)
+            entries.append(entry)
+        manifest = {"version": 1, "frames": num_frames, "levels": codec.levels,
+                    "codec": {k: v for k, v in codec.identity().items() if k != "codebooks"}, "entries": entries}
+        codes = np.stack(arrays) if arrays else np.zeros((0, codec.levels, num_frames), np.uint16)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        _save_npz_atomically(cache, codes=codes.astype(np.uint16),
+                             manifest=np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8))
+
+    if todo:
+        last_save = time.monotonic()
+        with tqdm(total=len(todo), desc=desc, unit="file", disable=None) as bar:
+            for start in range(0, len(todo), batch_size):
+                batch, batch_keys = [], []
+                for f, k in todo[start:start + batch_size]:
+                    try:
+                        batch.append(read_audio(f, num_frames * HOP))
+                        batch_keys.append(k)
+                    except DataError as e:
+                        rows[k] = str(e)
+                if batch:
+                    codes = codec.encode(torch.from_numpy(np.stack(batch))).cpu().numpy().astype(np.uint16)
+                    for k, c in zip(batch_keys, codes):
+                        rows[k] = c
+                bar.update(len(todo[start:start + batch_size]))
+                if time.monotonic() - last_save > save_every:
+                    save()
+                    last_save = time.monotonic()
+        save()
+
+    used, codes, skipped = [], [], list(skipped_now)
+    for f, k in zip(files, keys):
+        if k is None:
+            continue
+        value = rows[k]
+        if isinstance(value, str):
+            skipped.append((f, value))
+        else:
+            used.append(f)
+            codes.append(value)
+    codes = np.stack(codes) if codes else np.zeros((0, codec.levels, num_frames), np.uint16)
+    return EncodedFiles(codes, used, skipped)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer
+
+class CodecTokenizer:
+    """Codes (B, levels, frames) <-> one token stream (B, 1 + levels * frames), frame-major like the reference.
+
+        codes, 2 levels x 3 frames              tokens
+          level 0:  a0  a1  a2          ->   BOS  a0  b0  a1  b1  a2  b2
+          level 1:  b0  b1  b2                    |-frame 0-|-frame 1-|-frame 2-|
+
+    layout "levels" (ours): every level has its own ids, token = level * 1024 + code, and BOS = levels * 1024
+    is no code at all; vocab_size = levels * 1024 + 1. The level of position p >= 1 is (p - 1) % levels, so
+    sampling can be restricted to that level's ids (allowed()).
+    layout "shared" (the reference recipe): token = code for every level and BOS = 0, which is also code 0;
+    vocab_size = 1024. Kept so that the reference notebook's checkpoints can be sampled.
+    """
+
+    def __init__(self, levels: int, codebook_size: int = CODEBOOK_SIZE, layout: str = "levels"):
+        if layout not in ("levels", "shared"):
+            raise ValueError(f"layout must be 'levels' or 'shared', got {layout!r}")
+        self.levels, self.codebook_size, self.layout = levels, codebook_size, layout
+        self.bos = levels * codebook_size if layout == "levels" else 0
+        self.vocab_size = levels * codebook_size + 1 if layout == "levels" else codebook_size
+
+    def state(self) -> dict:
+        return {"levels": self.levels, "codebook_size": self.codebook_size, "layout": self.layout}
+
+    def _offsets(self, device) -> torch.Tensor:
+        """What is added to each level's codes: (levels, 1)."""
+        step = self.codebook_size if self.layout == "levels" else 0
+        return (torch.arange(self.levels, device=device) * step)[:, None]
+
+    def encode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, levels, frames) -> tokens (B, 1 + levels * frames), starting with BOS."""
+        B, L, _ = codes.shape
+        assert L == self.levels, f"expected {self.levels} levels, got {L}"
+        flat = (codes.long() + self._offsets(codes.device)).transpose(1, 2).reshape(B, -1)  # t0q0 t0q1 t1q0 ...
+        bos = torch.full((B, 1), self.bos, dtype=torch.long, device=codes.device)
+        return torch.cat([bos, flat], dim=1)
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, 1 + n) starting with BOS -> codes (B, levels, n // levels); an unfinished last frame is
+        dropped. Raises ValueError when a token is not a code of its position's level."""
+        body = tokens[:, 1:]
+        frames = body.shape[1] // self.levels
+        codes = body[:, :frames * self.levels].reshape(len(tokens), frames, self.levels).transpose(1, 2)
+        codes = codes - self._offsets(tokens.device)
+        if ((codes < 0) | (codes >= self.codebook_size)).any():
+            raise ValueError("tokens are not codes of their positions' levels")
+        return codes
+
+    def level_of(self, pos: torch.Tensor | int):
+        """The codec level that position pos >= 1 holds (position 0 is BOS)."""
+        return (pos - 1) % self.levels
+
+    def allowed(self, seq_len: int, device=None) -> torch.Tensor:
+        """(seq_len, vocab_size) bool: at position p >= 1 only codes of level_of(p) (row 0, BOS, allows nothing).
+        With the shared layout every code is allowed everywhere, as in the reference."""
+        mask = torch.zeros(seq_len, self.vocab_size, dtype=torch.bool, device=device)
+        if self.layout == "shared":
+            mask[1:] = True
+            return mask
+        for level in range(self.levels):
+            mask[1 + level::self.levels, level * self.codebook_size:(level + 1) * self.codebook_size] = True
+        return mask
+
+
+# ----------------------------------------------------------------------------------------------------
+# NSynth labels
+
+NSYNTH_SOURCES = ("acoustic", "electronic", "synthetic")
+_NSYNTH_NAME = re.compile(r"^(?P<family>[a-z]+)_(?P<source>acoustic|electronic|synthetic)_(?P<inst>\d+)"
+                          r"-(?P<pitch>\d+)-(?P<velocity>\d+)$")
+
+
+def nsynth_labels(path: Path, examples: dict | None = None) -> dict:
+    """pitch (MIDI), velocity and instrument source (index into NSYNTH_SOURCES) of an NSynth-named file,
+    from examples.json when given, else from the name; -1 where unknown."""
+    note = path.stem
+    if examples and note in examples:
+        e = examples[note]
+        return {"pitch": int(e["pitch"]), "velocity": int(e["velocity"]), "source": int(e["instrument_source"])}
+    m = _NSYNTH_NAME.match(note)
+    if not m:
+        return {"pitch": -1, "velocity": -1, "source": -1}
+    return {"pitch": int(m["pitch"]), "velocity": int(m["velocity"]), "source": NSYNTH_SOURCES.index(m["source"])}
+
+
+def load_examples_json(folder: Path) -> dict | None:
+    """NSynth's examples.json (one dict keyed by note name) in folder or its parent, if there is one."""
+    for candidate in (folder / "examples.json", folder.parent / "examples.json"):
+        if candidate.is_file():
+            try:
+                return json.loads(candidate.read_text())
+            except (OSError, ValueError) as e:
+                print(f"ignoring {candidate}: {e}", file=sys.stderr)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Downloads
+
+NSYNTH_URL = ("https://media.githubusercontent.com/media/SonyCSLParis/test-lfs/refs/heads/master/"
+              "NSYNTH_GUITAR_MP3.zip")
+NSYNTH_SIZE = 334_999_208
+NSYNTH_SHA256 = "cbabb3ba2ce81c28982eb41c3ba5127a0d81a3cd72d55d427a95f0558e43dfb3"
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 60.0) -> Path:
+    """Download url to dest with a progress bar. A partial download (dest + '.part') is resumed with an
+    HTTP Range request; the finished file is checked against sha256 before it takes its final name."""
+    dest = Path(dest)
+    if dest.exists():
+        return dest
+    part = dest.with_name(dest.name + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # nothing left to fetch: the partial file may be complete
+            response = None
+        else:
+            raise DataError(f"download of {url} failed: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise DataError(f"download of {url} failed: {getattr(e, 'reason', e)}") from None
+    if response is not None:
+        with response:
+            resumed = response.status == 206
+            if have and not resumed:  # the server ignored Range: start over
+                have = 0
+            length = response.headers.get("Content-Length")
+            total = have + int(length) if length is not None else None
+            with open(part, "ab" if resumed else "wb") as f, \
+                    tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=dest.name, disable=None) as bar:
+                try:
+                    for chunk in iter(lambda: response.read(1 << 16), b""):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+                except (OSError, urllib.error.URLError) as e:
+                    raise DataError(f"download of {url} was cut off ({e}); run again to resume") from None
+    if sha256 is not None:
+        actual = sha256_of(part)
+        if actual != sha256:
+            part.unlink()
+            raise DataError(f"download of {url} is corrupt (sha256 {actual[:12]}..., expected {sha256[:12]}...); "
+                            "the partial file was removed, run again to download it anew")
+    os.replace(part, dest)
+    return dest
+
+
+def extract_zip(archive: Path, into: Path) -> None:
+    """Extract archive into `into`, via a temporary folder so a half-extracted set is never taken for a whole one.
+    The NSynth guitar zip needs `zip -F` (as in the reference notebook) when Python cannot read it as it is."""
+    tmp = into.with_name(into.name + ".extracting")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with zipfile.ZipFile(archive) as z:
+            z.extractall(tmp)
+    except zipfile.BadZipFile:
+        fixed = archive.with_name(archive.stem + "-fixed.zip")
+        if shutil.which("zip") is None:
+            raise DataError(f"{archive} is not a readable zip, and `zip` (to repair it with zip -F) is not "
+                            "installed; install zip and run again") from None
+        subprocess.run(["zip", "-F", str(archive), "--out", str(fixed)], check=True, capture_output=True)
+        with zipfile.ZipFile(fixed) as z:
+            z.extractall(tmp)
+        fixed.unlink()
+    shutil.rmtree(into, ignore_errors=True)
+    os.replace(tmp, into)
+
+
+def prepare_nsynth(data_dir: str | Path = "data", url: str = NSYNTH_URL, sha256: str | None = NSYNTH_SHA256) -> Path:
+    """The reference's NSynth guitar set, downloaded once into data_dir and extracted; returns its folder,
+    which holds nsynth-guitar-train, nsynth-guitar-valid and nsynth-guitar-test."""
+    data_dir = Path(data_dir)
+    folder = data_dir / "NSYNTH_GUITAR_MP3"
+    if not folder.is_dir():
+        archive = data_dir / "NSYNTH_GUITAR_MP3.zip"
+        try:
+            download(url, archive, sha256)
+        except DataError as e:
+            raise DataError(f"{e}. The NSynth guitar set (335 MB) is downloaded once into {data_dir}/. Without a "
+                            "network, use --data PATH with a folder of your own notes (.wav/.flac/.mp3/.ogg), or "
+                            "--data synthetic for generated plucked-string notes.") from None
+        extract_zip(archive, folder)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------
+# Synthetic plucked strings (Karplus-Strong)
+
+def pluck(pitch: int, velocity: int, seconds: float, sample_rate: int, decay: float, brightness: float,
+          rng: np.random.Generator) -> np.ndarray:
+    """A Karplus-Strong plucked string: a burst of noise circulates in a delay line one period long, and
+    averaging neighbouring samples on each pass (a low-pass filter) makes it ring and fade like a string.
+    Computed 4x oversampled, one period per numpy step, so the period can be tuned to a quarter sample."""
+    over = 4
+    fs = sample_rate * over
+    f0 = 440.0 * 2 ** ((pitch - 69) / 12)
+    period = max(2, int(round(fs / f0 - 0.5)))  # the averaging filter adds half a sample of delay
+    n = int(seconds * fs)
+    noise = rng.uniform(-1, 1, period)
+    # softer notes start duller: smooth the initial noise burst more
+    for _ in range(int(round((1 - velocity / 127) * 8 + (1 - brightness) * 8))):
+        noise = 0.5 * (noise + np.roll(noise, 1))
+    out = np.empty(((n + period - 1) // period) * period)
+    line = noise
+    for start in range(0, len(out), period):
+        out[start:start + period] = line
+        line = decay * 0.5 * (line + np.roll(line, -1))
+    out = out[:n].reshape(-1, over).mean(axis=1)          # back to sample_rate (box filter)
+    out *= (velocity / 127) * 0.8 / (np.abs(out).max() + 1e-9)
+    return out.astype(np.float32)
+
+
+def make_synthetic(folder: str | Path, num_notes: int = 300, seed: int = 0, seconds: float = 4.0,
+                   sample_rate: int = 16_000) -> Path:
+    """Write num_notes plucked-string notes as NSynth-like 16 kHz WAVs named guitar_{source}_{inst}-{pitch}-{vel}
+    into folder/train and folder/valid (every 10th note). Deterministic in (num_notes, seed); returns folder."""
+    folder = Path(folder)
+    done = folder / "complete.json"
+    if done.exists():
+        return folder
+    rng = np.random.default_rng(seed)
+    instruments = [(0.990 + 0.009 * rng.random(), 0.3 + 0.7 * rng.random()) for _ in range(12)]  # decay, brightness
+    notes: dict[str, tuple] = {}
+    while len(notes) < num_notes:
+        inst, pitch, velocity = int(rng.integers(12)), int(rng.integers(40, 89)), int(rng.choice([25, 50, 75, 100, 127]))
+        name = f"guitar_{NSYNTH_SOURCES[inst % 3]}_{inst:03d}-{pitch:03d}-{velocity:03d}"
+        notes.setdefault(name, (inst, pitch, velocity))
+    shutil.rmtree(folder, ignore_errors=True)
+    for i, (name, (inst, pitch, velocity)) in enumerate(notes.items()):
+        split = folder / ("valid" if i % 10 == 9 else "train")
+        split.mkdir(parents=True, exist_ok=True)
+        decay, brightness = instruments[inst]
+        audio = pluck(pitch, velocity, seconds, sample_rate, decay, brightness, rng)
+        sf.write(split / f"{name}.wav", audio, sample_rate, subtype="PCM_16")
+    done.write_text(json.dumps({"num_notes": num_notes, "seed": seed}))
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------
+# Datasets
+
+def split_folder(root: str | Path, valid_fraction: float = 0.05) -> dict[str, list[Path]]:
+    """Train and validation files of a folder: its subfolders named *train* and *valid* when it has both,
+    otherwise a deterministic split by file name (about valid_fraction of the files, at least one)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"--data {root}: no such folder (or use nsynth-guitar or synthetic)")
+    subs = [p for p in sorted(root.iterdir()) if p.is_dir()]
+    train = [p for p in subs if "train" in p.name.lower()]
+    valid = [p for p in subs if "valid" in p.name.lower()]
+    if train and valid:
+        return {"train": [f for d in train for f in find_audio(d)], "valid": [f for d in valid for f in find_audio(d)]}
+    files = find_audio(root)
+    if not files:
+        raise DataError(f"--data {root}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) in it")
+    # crc32 of the name: stable across runs and machines, unlike Python's hash()
+    is_valid = [zlib.crc32(f.name.encode()) % 10_000 < valid_fraction * 10_000 for f in files]
+    if not any(is_valid) and len(files) > 1:
+        is_valid[-1] = True
+    return {"train": [f for f, v in zip(files, is_valid) if not v] or files,
+            "valid": [f for f, v in zip(files, is_valid) if v] or files}
+
+
+def resolve_data(data: str, data_dir: str | Path = "data", synthetic_notes: int = 300, seed: int = 0
+                 ) -> dict[str, list[Path]]:
+    """--data nsynth-guitar | synthetic | PATH -> {'train': files, 'valid': files}."""
+    if data == "nsynth-guitar":
+        folder = prepare_nsynth(data_dir)
+        return {"train": find_audio(folder / "nsynth-guitar-train"), "valid": find_audio(folder / "nsynth-guitar-valid")}
+    if data == "synthetic":
+        return split_folder(make_synthetic(Path(data_dir) / f"synthetic-{synthetic_notes}-{seed}", synthetic_notes, seed))
+    return split_folder(data)
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Token sequences (N, 1 + levels * frames), BOS first, with the NSynth labels of each note."""
+
+    def __init__(self, encoded: EncodedFiles, tokenizer: CodecTokenizer):
+        self.files = encoded.files
+        self.tokens = tokenizer.encode(torch.from_numpy(encoded.codes.astype(np.int64)))
+        examples = {}
+        for folder in sorted({f.parent for f in self.files}):
+            examples.update(load_examples_json(folder) or {})
+        labels = [nsynth_labels(f, examples) for f in self.files]
+        self.pitch = torch.tensor([l["pitch"] for l in labels], dtype=torch.long)
+        self.velocity = torch.tensor([l["velocity"] for l in labels], dtype=torch.long)
+        self.source = torch.tensor([l["source"] for l in labels], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i):
+        return self.tokens[i]
+
+
+def report_skipped(name: str, encoded: EncodedFiles, show: int = 20) -> None:
+    """Print how many files were skipped and why (the first `show` of them)."""
+    if not encoded.skipped:
+        return
+    total = len(encoded.skipped) + len(encoded.files)
+    print(f"{name}: skipped {len(encoded.skipped)} of {total} files that could not be used:")
+    for path, reason in encoded.skipped[:show]:
+        print(f"  {path}: {reason}")
+    if len(encoded.skipped) > show:
+        print(f"  ... and {len(encoded.skipped) - show} more")
+
+
+def load_codec_for_training(kind: str, bandwidth: float, weights: str | None, fit_files: list[Path],
+                            num_frames: int, cache_dir: str | Path, seed: int = 0, device="cpu") -> Codec:
+    """The codec to train with. An untrained codec is fitted on up to 64 training files and saved in cache_dir,
+    so later runs on the same files reuse it (and with it their token caches)."""
+    if kind == "pretrained":
+        return Codec.pretrained(bandwidth, weights).to(device)
+    if kind != "untrained":
+        raise DataError(f"--codec must be 'pretrained' or 'untrained', got {kind!r}")
+    if weights is not None:
+        raise DataError("--codec-weights only applies to --codec pretrained")
+    fit_files = fit_files[:64]
+    key = json.dumps([[str(k) for k in _file_key(f)] for f in fit_files] + [bandwidth, seed, num_frames])
+    path = Path(cache_dir) / f"codec-untrained-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+    if path.exists():
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            return Codec.untrained(bandwidth, seed, saved["codebooks"]).to(device)
+        except Exception as e:
+            print(f"ignoring unreadable {path} ({e}); fitting the codec again", file=sys.stderr)
+    audio = []
+    for f in fit_files:
+        try:
+            audio.append(read_audio(f, num_frames * HOP))
+        except DataError:
+            pass  # counted and reported when the split is encoded
+    if not audio:
+        raise DataError("no readable audio to fit the untrained codec on")
+    codec = Codec.untrained(bandwidth, seed).to(device)
+    print(f"fitting the untrained codec's {codec.levels} codebooks on {len(audio)} notes")
+    codec.fit(torch.from_numpy(np.stack(audio)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save({"codebooks": codec.codebooks(), "bandwidth": bandwidth, "seed": seed}, buffer)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_bytes(buffer.getvalue())
+    os.replace(tmp, path)
+    return codec

@@ -1,0 +1,292 @@
+"""
+Train codecgpt: encode a folder of notes into EnCodec tokens, then teach the Transformer to predict the next token.
+
+    python train.py                                        # NSynth guitar, pretrained EnCodec (downloads once)
+    python train.py --data synthetic --codec untrained     # offline: generated notes, untrained codec
+    python train.py --resume                               # continue from out/ckpt.pt
+
+Writes out/ckpt.pt (latest), out/best.pt (lowest validation loss) and out/log.jsonl (one line per evaluation).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import (DEFAULT_FRAMES, FRAME_RATE, Codec, CodecTokenizer, DataError, TokenDataset, cache_path,
+                  encode_files, load_codec_for_training, report_skipped, resolve_data)
+from model import GPT, CheckpointError, GPTConfig, load_checkpoint
+
+# Flags that define the data and the model: on --resume they come from the checkpoint.
+RUN_FLAGS = ("data", "data_dir", "synthetic_notes", "codec", "bandwidth", "seconds",
+             "dim", "depth", "heads", "dim_head", "dropout")
+
+
+def positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def non_negative(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return value
+    return parse
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--data", default="nsynth-guitar",
+                   help="nsynth-guitar (the reference set, downloaded once into --data-dir), synthetic "
+                        "(generated plucked strings, no network), or a folder of .wav/.flac/.mp3/.ogg files "
+                        "(subfolders named *train*/*valid* are the splits, else 5%% of files by name are validation)"
+                        " (default: nsynth-guitar)")
+    d.add_argument("--data-dir", default="data", help="where downloads, synthetic notes and caches go (default: data)")
+    d.add_argument("--cache-dir", default=None, help="token cache folder (default: DATA_DIR/cache)")
+    d.add_argument("--synthetic-notes", type=positive(int), default=300,
+                   help="number of notes for --data synthetic (default: 300)")
+    d.add_argument("--codec", choices=("pretrained", "untrained"), default="pretrained",
+                   help="pretrained: EnCodec 24 kHz weights (downloaded once); untrained: same network, random "
+                        "weights, codebooks fitted to the data, for offline runs (default: pretrained)")
+    d.add_argument("--codec-weights", default=None, help="local encodec_24khz-d7cc33bc.th instead of downloading")
+    d.add_argument("--bandwidth", type=float, default=1.5, choices=(1.5, 3.0, 6.0),
+                   help="EnCodec bandwidth in kbps: 1.5, 3 or 6 = 2, 4 or 8 codebooks (default: 1.5)")
+    d.add_argument("--seconds", type=positive(float), default=DEFAULT_FRAMES / FRAME_RATE,
+                   help="seconds of each note to learn, from its start (default: 1.667 = 125 frames, the reference)")
+    m = p.add_argument_group("model (the reference size by default)")
+    m.add_argument("--dim", type=positive(int), default=256, help="model width (default: 256)")
+    m.add_argument("--depth", type=positive(int), default=6, help="number of blocks (default: 6)")
+    m.add_argument("--heads", type=positive(int), default=4, help="attention heads (default: 4)")
+    m.add_argument("--dim-head", type=positive(int), default=64, help="width of each head (default: 64)")
+    m.add_argument("--dropout", type=non_negative(float), default=0.1, help="dropout (default: 0.1)")
+    t = p.add_argument_group("training")
+    t.add_argument("--out-dir", default="out", help="checkpoints and log (default: out)")
+    t.add_argument("--max-iters", type=positive(int), default=20000, help="optimizer steps (default: 20000)")
+    t.add_argument("--batch-size", type=positive(int), default=64, help="notes per step (default: 64)")
+    t.add_argument("--lr", type=positive(float), default=6e-4, help="peak learning rate (default: 6e-4)")
+    t.add_argument("--min-lr", type=non_negative(float), default=6e-5,
+                   help="learning rate at the end of the cosine decay (default: 6e-5)")
+    t.add_argument("--warmup-iters", type=non_negative(int), default=500, help="linear warmup steps (default: 500)")
+    t.add_argument("--weight-decay", type=non_negative(float), default=0.1,
+                   help="AdamW weight decay on matrices (default: 0.1)")
+    t.add_argument("--grad-clip", type=non_negative(float), default=1.0, help="max gradient norm, 0 = off (default: 1.0)")
+    t.add_argument("--eval-interval", type=positive(int), default=500,
+                   help="evaluate and save a checkpoint every N steps (default: 500)")
+    t.add_argument("--eval-batch-size", type=positive(int), default=128, help="notes per evaluation batch (default: 128)")
+    t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto = cuda when available (default: auto)")
+    t.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="bfloat16 = bf16 autocast; auto = bfloat16 on CUDA, float32 on CPU (default: auto)")
+    t.add_argument("--attention", choices=("auto", "explicit", "fused"), default="auto",
+                   help="explicit (matmul+softmax) or fused (scaled_dot_product_attention, flash on CUDA); "
+                        "auto = fused on CUDA, explicit on CPU (default: auto)")
+    t.add_argument("--seed", type=int, default=0, help="seed for initialisation, batches and dropout (default: 0)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt exactly where it stopped")
+    return p.parse_args(argv)
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda: no CUDA device is available")
+    return name
+
+
+def lr_at(it: int, args) -> float:
+    """Linear warmup to --lr, then cosine decay to --min-lr at --max-iters."""
+    if it < args.warmup_iters:
+        return args.lr * (it + 1) / args.warmup_iters
+    progress = (it - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters)
+    return args.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (args.lr - args.min_lr)
+
+
+@torch.no_grad()
+def evaluate(model: GPT, tokens: torch.Tensor, levels: int, batch_size: int, device: str, autocast) -> dict:
+    """Cross-entropy (nats/token), cross-entropy of each codec level, and next-token accuracy on all of tokens."""
+    model.eval()
+    loss_sum = torch.zeros(levels, device=device)
+    correct = torch.zeros((), device=device)
+    for batch in tokens.split(batch_size):
+        batch = batch.to(device)
+        with autocast:
+            logits = model(batch[:, :-1])
+        targets = batch[:, 1:]
+        loss = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (B, T)
+        # target t is the token at position t + 1, which holds level t % levels
+        loss_sum += loss.sum(0).view(-1, levels).sum(0)
+        correct += (logits.argmax(-1) == targets).sum()
+    model.train()
+    n = tokens.shape[0] * (tokens.shape[1] - 1)
+    per_level = (loss_sum / (n / levels)).tolist()
+    return {"val_loss": sum(per_level) / levels, "val_loss_per_level": per_level, "val_accuracy": correct.item() / n}
+
+
+def save_atomically(obj: dict, path: Path) -> None:
+    """Write to a temporary file, then rename: a crash mid-write never replaces a good checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def prepare_data(args, device: str, codec_ident: dict | None = None):
+    """Files -> codec -> cached codes -> token datasets. On --resume the checkpoint's codec is used as it was."""
+    files = resolve_data(args.data, args.data_dir, args.synthetic_notes, args.seed)
+    frames = round(args.seconds * FRAME_RATE)
+    cache_dir = args.cache_dir or str(Path(args.data_dir) / "cache")
+    if codec_ident is not None:
+        codec = Codec.from_identity(codec_ident, args.codec_weights).to(device)
+    else:
+        codec = load_codec_for_training(args.codec, args.bandwidth, args.codec_weights, files["train"], frames,
+                                        cache_dir, args.seed, device)
+    tokenizer = CodecTokenizer(codec.levels)
+    splits = {}
+    for name in ("train", "valid"):
+        encoded = encode_files(files[name], codec, frames, cache_path(cache_dir, name, files[name], codec, frames),
+                               desc=f"encoding {name}")
+        report_skipped(name, encoded)
+        if len(encoded.files) == 0:
+            raise DataError(f"no readable audio in the {name} split of --data {args.data} "
+                            f"({len(encoded.skipped)} files, all skipped)")
+        splits[name] = TokenDataset(encoded, tokenizer)
+    return codec, tokenizer, splits["train"], splits["valid"]
+
+
+def train(args) -> dict:
+    out_dir = Path(args.out_dir)
+    ckpt_path = out_dir / "ckpt.pt"
+    resumed = None
+    if args.resume:
+        resumed = load_checkpoint(str(ckpt_path))
+        for name in RUN_FLAGS:  # the run is defined by the checkpoint, not by this call's flags
+            setattr(args, name, resumed["args"][name])
+    device = pick_device(args.device)
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    autocast = torch.autocast(device, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed)
+
+    codec, tokenizer, train_set, val_set = prepare_data(args, device, resumed["codec"] if resumed else None)
+    seq_len = train_set.tokens.shape[1]
+    cfg = GPTConfig(vocab_size=tokenizer.vocab_size, max_seq_len=seq_len - 1, dim=args.dim, depth=args.depth,
+                    heads=args.heads, dim_head=args.dim_head, dropout=args.dropout)
+    model = GPT(cfg).to(device)
+    attention = args.attention if args.attention != "auto" else ("fused" if device == "cuda" else "explicit")
+    model.set_attention(attention)
+    # weight decay on matrices only, not on norm gains and biases (as in nanoGPT)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device == "cuda")
+    batches = torch.Generator().manual_seed(args.seed)  # which notes go in each batch
+
+    start_iter, best_val = 0, float("inf")
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        start_iter, best_val = resumed["iter_num"], resumed["best_val_loss"]
+        torch.set_rng_state(resumed["rng"]["torch"])
+        batches.set_state(resumed["rng"]["batches"])
+        if device == "cuda" and "cuda" in resumed["rng"]:
+            torch.cuda.set_rng_state(resumed["rng"]["cuda"])
+        print(f"resuming from {ckpt_path} at iteration {start_iter}")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"{len(train_set)} training notes, {len(val_set)} validation notes, {seq_len - 1} tokens each "
+          f"({codec.kind} codec, {codec.levels} levels); model {model.num_params() / 1e6:.2f}M parameters; "
+          f"{device}, {dtype}, {attention} attention")
+
+    def checkpoint(it: int, metrics: dict) -> dict:
+        ckpt = {"model": model.state_dict(), "config": asdict(cfg), "tokenizer": tokenizer.state(),
+                "codec": codec.identity(), "iter_num": it, "best_val_loss": best_val, "metrics": metrics,
+                "args": vars(args)}
+        return ckpt
+
+    train_loss_sum, train_loss_count = torch.zeros((), device=device), 0
+    last = {}
+    t0 = time.time()
+    bar = tqdm(total=args.max_iters, initial=start_iter, desc="training", unit="step", disable=None)
+    it = start_iter
+    while True:
+        if (it % args.eval_interval == 0 and not (resumed and it == start_iter)) or it == args.max_iters:
+            metrics = evaluate(model, val_set.tokens, tokenizer.levels, args.eval_batch_size, device, autocast)
+            metrics = {"iter": it, "train_loss": (train_loss_sum / max(1, train_loss_count)).item()
+                       if train_loss_count else None, **metrics, "lr": lr_at(it, args),
+                       "elapsed_s": round(time.time() - t0, 2)}
+            train_loss_sum.zero_()
+            train_loss_count = 0
+            with open(out_dir / "log.jsonl", "a") as log:
+                log.write(json.dumps(metrics) + "\n")
+            tqdm.write(f"iter {it}: val loss {metrics['val_loss']:.4f} (levels "
+                       + ", ".join(f"{x:.3f}" for x in metrics["val_loss_per_level"])
+                       + f"), accuracy {metrics['val_accuracy']:.3f}")
+            if metrics["val_loss"] < best_val:
+                best_val = metrics["val_loss"]
+                save_atomically(checkpoint(it, metrics), out_dir / "best.pt")
+            ckpt = checkpoint(it, metrics)
+            ckpt["optimizer"] = optimizer.state_dict()
+            ckpt["rng"] = {"torch": torch.get_rng_state(), "batches": batches.get_state()}
+            if device == "cuda":
+                ckpt["rng"]["cuda"] = torch.cuda.get_rng_state()
+            save_atomically(ckpt, ckpt_path)
+            last = metrics
+        if it >= args.max_iters:
+            break
+
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(it, args)
+        idx = torch.randint(len(train_set), (args.batch_size,), generator=batches)
+        batch = train_set.tokens[idx].to(device, non_blocking=True)
+        with autocast:
+            logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        loss.backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_loss_sum += loss.detach()
+        train_loss_count += 1
+        it += 1
+        bar.update(1)
+        if it % 10 == 0:  # .item() waits for the GPU, so not every step
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    print(f"done: best validation loss {best_val:.4f} nats/token; checkpoints in {out_dir}/")
+    return last
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    try:
+        train(args)
+    except (DataError, CheckpointError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted; the last checkpoint is in place, continue with --resume")
+
+
+if __name__ == "__main__":
+    main()
