@@ -188,17 +188,25 @@ class Codec:
 
     @torch.inference_mode()
     def fit(self, audio: torch.Tensor, iters: int = 20) -> None:
-        """Fit the codebooks to audio (B, samples) by residual k-means on the encoder's latents."""
+        """Fit the codebooks to audio (B, samples) by residual k-means on the encoder's latents: level 0 clusters
+        the latents, level 1 what level 0 leaves over, and so on.
+
+        Each cluster gets at least 4 latents on average: with fewer latents than 1024, a cluster per latent would
+        leave a residual of exactly zero and every later level would learn nothing. So small data sets use fewer
+        distinct codes (the unused rows of the codebook repeat used ones and are never chosen).
+        """
         latents = torch.cat([self.model.encoder(chunk[:, None].to(self.device)).cpu()
                              for chunk in audio.split(16)])          # (B, 128, frames)
         residual = latents.transpose(1, 2).reshape(-1, latents.shape[1]).float()
         generator = torch.Generator().manual_seed(self.seed or 0)
+        k = min(CODEBOOK_SIZE, max(1, len(residual) // 4))
         books = []
         for _ in range(self.levels):
-            centroids = _kmeans(residual, CODEBOOK_SIZE, iters, generator)
+            centroids = _kmeans(residual, k, iters, generator)
             dist = (residual * residual).sum(1, keepdim=True) - 2 * residual @ centroids.T + (centroids ** 2).sum(1)
             residual = residual - centroids[dist.argmin(1)]
-            books.append(centroids)
+            # argmin picks the first of equal distances, so the repeated rows after k are never chosen
+            books.append(centroids[torch.arange(CODEBOOK_SIZE) % k])
         self._set_codebooks(torch.stack(books).to(self.device))
 
     def identity(self) -> dict:
@@ -504,6 +512,10 @@ def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 6
                         bar.update(len(chunk))
                 except (OSError, urllib.error.URLError) as e:
                     raise DataError(f"download of {url} was cut off ({e}); run again to resume") from None
+                # a dropped connection often just ends the stream early instead of raising
+                if total is not None and f.tell() < total:
+                    raise DataError(f"download of {url} was cut off at {f.tell()} of {total} bytes; "
+                                    "run again to resume")
     if sha256 is not None:
         actual = sha256_of(part)
         if actual != sha256:
@@ -527,12 +539,22 @@ def extract_zip(archive: Path, into: Path) -> None:
         if shutil.which("zip") is None:
             raise DataError(f"{archive} is not a readable zip, and `zip` (to repair it with zip -F) is not "
                             "installed; install zip and run again") from None
-        subprocess.run(["zip", "-F", str(archive), "--out", str(fixed)], check=True, capture_output=True)
-        with zipfile.ZipFile(fixed) as z:
-            z.extractall(tmp)
-        fixed.unlink()
+        try:
+            subprocess.run(["zip", "-F", str(archive), "--out", str(fixed)], check=True, capture_output=True)
+            with zipfile.ZipFile(fixed) as z:
+                z.extractall(tmp)
+        except (subprocess.CalledProcessError, zipfile.BadZipFile):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DataError(f"{archive} is damaged and `zip -F` could not repair it; delete it to download it "
+                            "again") from None
+        finally:
+            fixed.unlink(missing_ok=True)
+    # an archive whose entries all sit in one top folder: use that folder's contents
+    entries = [p for p in tmp.iterdir() if p.name != "__MACOSX"]
+    top = entries[0] if len(entries) == 1 and entries[0].is_dir() else tmp
     shutil.rmtree(into, ignore_errors=True)
-    os.replace(tmp, into)
+    os.replace(top, into)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def prepare_nsynth(data_dir: str | Path = "data", url: str = NSYNTH_URL, sha256: str | None = NSYNTH_SHA256) -> Path:
