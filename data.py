@@ -271,8 +271,9 @@ def cache_path(cache_dir: str | Path, name: str, files: list[Path], codec: Codec
 
 
 def _file_key(path: Path) -> tuple[str, int, int]:
-    st = path.stat()
-    return str(path.resolve()), st.st_size, st.st_mtime_ns
+    """(absolute path, size, mtime): a file whose key changed is encoded again."""
+    st = os.stat(path)
+    return os.path.abspath(path), st.st_size, st.st_mtime_ns
 
 
 def encode_files(files: list[Path], codec: Codec, num_frames: int, cache: Path | None = None,

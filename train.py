@@ -84,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--min-lr", type=non_negative(float), default=6e-5,
                    help="learning rate at the end of the cosine decay (default: 6e-5)")
     t.add_argument("--warmup-iters", type=non_negative(int), default=500, help="linear warmup steps (default: 500)")
+    t.add_argument("--lr-decay-iters", type=positive(int), default=None,
+                   help="step at which the cosine decay reaches --min-lr (default: --max-iters)")
     t.add_argument("--weight-decay", type=non_negative(float), default=0.1,
                    help="AdamW weight decay on matrices (default: 0.1)")
     t.add_argument("--grad-clip", type=non_negative(float), default=1.0, help="max gradient norm, 0 = off (default: 1.0)")
@@ -111,10 +113,11 @@ def pick_device(name: str) -> str:
 
 
 def lr_at(it: int, args) -> float:
-    """Linear warmup to --lr, then cosine decay to --min-lr at --max-iters."""
+    """Linear warmup to --lr, then cosine decay to --min-lr at --lr-decay-iters (default --max-iters)."""
     if it < args.warmup_iters:
         return args.lr * (it + 1) / args.warmup_iters
-    progress = (it - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters)
+    decay_iters = args.lr_decay_iters or args.max_iters
+    progress = (it - args.warmup_iters) / max(1, decay_iters - args.warmup_iters)
     return args.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (args.lr - args.min_lr)
 
 
@@ -178,6 +181,10 @@ def train(args) -> dict:
     resumed = None
     if args.resume:
         resumed = load_checkpoint(str(ckpt_path))
+        missing = [k for k in ("args", "model", "optimizer", "codec", "iter_num", "best_val_loss", "rng")
+                   if k not in resumed]
+        if missing:
+            raise CheckpointError(f"{ckpt_path}: cannot resume from it, it has no {', '.join(missing)}")
         for name in RUN_FLAGS:  # the run is defined by the checkpoint, not by this call's flags
             setattr(args, name, resumed["args"][name])
     device = pick_device(args.device)

@@ -1,0 +1,149 @@
+"""train.py and sample.py run as a user runs them: offline, synthetic notes, untrained codec, a tiny model."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import ROOT
+from model import GPT, load_checkpoint, model_from_checkpoint
+
+TINY = ["--data", "synthetic", "--codec", "untrained", "--synthetic-notes", "48", "--seconds", "0.4",
+        "--dim", "64", "--depth", "2", "--heads", "2", "--dim-head", "32", "--batch-size", "16",
+        "--lr", "3e-3", "--warmup-iters", "5", "--lr-decay-iters", "60", "--eval-interval", "20", "--device", "cpu"]
+
+
+def run(script: str, *args: str, cwd) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
+                            timeout=300)
+    return result
+
+
+def read_log(out_dir) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One 40-step training run shared by the tests below: (work folder, out folder, completed process)."""
+    work = tmp_path_factory.mktemp("e2e")
+    result = run("train.py", *TINY, "--max-iters", "40", "--out-dir", "out", cwd=work)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return work, work / "out", result
+
+
+def test_training_lowers_the_loss_and_logs(trained):
+    """The loss falls well below chance (ln 2049 = 7.6) and every evaluation is logged with per-level losses."""
+    _, out, result = trained
+    log = read_log(out)
+    assert [entry["iter"] for entry in log] == [0, 20, 40]
+    assert log[0]["val_loss"] > 7.0
+    assert log[-1]["train_loss"] < log[1]["train_loss"] < log[0]["val_loss"] - 1.0
+    assert min(entry["val_loss"] for entry in log[1:]) < log[0]["val_loss"] - 0.5
+    assert all(len(entry["val_loss_per_level"]) == 2 and 0 <= entry["val_accuracy"] <= 1 for entry in log)
+    assert "training notes" in result.stdout and "done: best validation loss" in result.stdout
+
+
+def test_checkpoints_load_with_weights_only(trained):
+    """ckpt.pt and best.pt hold only tensors and plain values, and rebuild the model that was trained."""
+    _, out, _ = trained
+    for name in ("ckpt.pt", "best.pt"):
+        ckpt = torch.load(out / name, weights_only=True)
+        model = model_from_checkpoint(ckpt)
+        assert isinstance(model, GPT) and model.cfg.vocab_size == 2 * 1024 + 1 and model.cfg.max_seq_len == 60
+        assert ckpt["codec"]["kind"] == "untrained" and ckpt["tokenizer"]["layout"] == "levels"
+    ckpt = load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["iter_num"] == 40 and "optimizer" in ckpt
+    assert not list(out.glob("*.tmp"))
+
+
+def test_resume_continues_exactly(trained, tmp_path):
+    """40 steps + --resume to 60 ends with the same weights and log as 60 steps in one go (CPU, same seed)."""
+    work, out, _ = trained
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    for name in ("ckpt.pt", "log.jsonl"):
+        (resumed / name).write_bytes((out / name).read_bytes())
+    result = run("train.py", *TINY, "--max-iters", "60", "--out-dir", str(resumed), "--resume", cwd=work)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resuming" in result.stdout
+    straight = run("train.py", *TINY, "--max-iters", "60", "--out-dir", str(tmp_path / "straight"), cwd=work)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    a = torch.load(resumed / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    assert a["iter_num"] == b["iter_num"] == 60
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    strip = lambda log: [{k: v for k, v in e.items() if k != "elapsed_s"} for e in log]  # noqa: E731
+    # both logs hold iterations 0, 20, 40, 60: the resumed run does not evaluate 40 twice
+    assert strip(read_log(resumed)) == strip(read_log(tmp_path / "straight"))
+
+
+def test_sample_writes_wavs(trained, tmp_path):
+    """sample.py writes --num-samples 24 kHz mono 16-bit WAVs of the trained length, and reports its speed."""
+    work, out, _ = trained
+    result = run("sample.py", "--ckpt", str(out / "best.pt"), "--num-samples", "3", "--batch-size", "2",
+                 "--out-dir", str(tmp_path / "samples"), "--device", "cpu", cwd=work)
+    assert result.returncode == 0, result.stderr[-2000:]
+    wavs = sorted((tmp_path / "samples").glob("*.wav"))
+    assert [w.name for w in wavs] == ["sample_0.wav", "sample_1.wav", "sample_2.wav"]
+    for w in wavs:
+        info = sf.info(w)
+        assert (info.samplerate, info.channels, info.subtype, info.frames) == (24_000, 1, "PCM_16", 30 * 320)
+        assert np.isfinite(sf.read(w)[0]).all()
+    assert "tokens/s" in result.stdout and "real-time factor" in result.stdout
+
+
+def test_sample_rejects_bad_flags(trained, tmp_path):
+    """Bad values are refused with a message naming the flag; too many seconds for the model is an error."""
+    work, out, _ = trained
+    for flag, value in (("--temperature", "-1"), ("--top-p", "0"), ("--top-p", "1.5"), ("--num-samples", "0"),
+                        ("--device", "tpu")):
+        result = run("sample.py", "--ckpt", str(out / "best.pt"), flag, value, cwd=work)
+        assert result.returncode == 2 and flag in result.stderr, (flag, value, result.stderr)
+    result = run("sample.py", "--ckpt", str(out / "best.pt"), "--seconds", "5", "--device", "cpu",
+                 "--out-dir", str(tmp_path), cwd=work)
+    assert result.returncode == 1 and "--seconds" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_broken_checkpoint_is_one_line(trained, tmp_path):
+    """A truncated checkpoint and a missing one give a one-line error naming the file, not a traceback."""
+    work, out, _ = trained
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes((out / "best.pt").read_bytes()[:5000])
+    for path in (broken, tmp_path / "missing.pt"):
+        result = run("sample.py", "--ckpt", str(path), cwd=work)
+        assert result.returncode == 1 and str(path) in result.stderr and "Traceback" not in result.stderr
+
+
+def test_train_reports_bad_data_clearly(tmp_path):
+    """A missing folder and a folder of unreadable files end with one clear message, not a traceback."""
+    result = run("train.py", "--data", str(tmp_path / "nowhere"), "--codec", "untrained", cwd=tmp_path)
+    assert result.returncode == 1 and "no such folder" in result.stderr and "Traceback" not in result.stderr
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.wav").write_bytes(b"")
+    (bad / "b.flac").write_text("text")
+    result = run("train.py", "--data", str(bad), "--codec", "untrained", "--data-dir", str(tmp_path / "d"), cwd=tmp_path)
+    assert result.returncode == 1 and "no readable audio" in result.stderr and "Traceback" not in result.stderr
+    result = run("train.py", "--batch-size", "0", cwd=tmp_path)
+    assert result.returncode == 2 and "--batch-size" in result.stderr
+
+
+def test_sample_from_a_reference_notebook_checkpoint(tmp_path):
+    """--xt-checkpoint samples an x-transformers state dict (shared ids, start token 0) with --codec-weights."""
+    from encodec import EncodecModel
+    from x_transformers import Decoder, TransformerWrapper
+    xt = TransformerWrapper(num_tokens=1024, max_seq_len=250, attn_layers=Decoder(dim=64, depth=1, heads=2,
+                                                                                 rotary_pos_emb=True))
+    torch.save(xt.state_dict(), tmp_path / "model_gen_autoreg_transformer.pth")
+    torch.save(EncodecModel.encodec_model_24khz(pretrained=False).state_dict(), tmp_path / "encodec.th")
+    result = run("sample.py", "--xt-checkpoint", str(tmp_path / "model_gen_autoreg_transformer.pth"),
+                 "--xt-heads", "2", "--codec-weights", str(tmp_path / "encodec.th"), "--num-samples", "2",
+                 "--seconds", "0.2", "--out-dir", str(tmp_path / "s"), "--device", "cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "s").glob("*.wav")) == ["sample_0.wav", "sample_1.wav"]
+    assert sf.info(tmp_path / "s" / "sample_0.wav").frames == 15 * 320
