@@ -57,12 +57,9 @@ def find_audio(root: str | Path) -> list[Path]:
     """All audio files under root, recursively, sorted. Symlinked folders are not followed (no loops);
     folders named like audio files are not files and are left out."""
     found = []
-    for folder, _, names in os.walk(root):
-        for name in names:
-            path = Path(folder) / name
-            if path.suffix.lower() in AUDIO_EXTENSIONS and not path.is_dir():
-                found.append(path)
-    return sorted(found)
+    for folder, _, names in os.walk(root):  # os.walk lists folders (and links to them) apart from files
+        found.extend(os.path.join(folder, name) for name in names if name.lower().endswith(AUDIO_EXTENSIONS))
+    return [Path(f) for f in sorted(found)]
 
 
 def read_audio(path: str | Path, num_samples: int) -> np.ndarray:
@@ -265,7 +262,7 @@ def _save_npz_atomically(path: Path, **arrays) -> None:
 def cache_path(cache_dir: str | Path, name: str, files: list[Path], codec: Codec, num_frames: int) -> Path:
     """One cache file per (split name, folder, codec, length): changing any of them uses another file."""
     ident = {k: v for k, v in codec.identity().items() if k != "codebooks"}
-    root = os.path.commonpath([str(f.resolve().parent) for f in files]) if files else ""
+    root = os.path.commonpath({os.path.dirname(os.path.abspath(f)) for f in files}) if files else ""
     key = json.dumps({"root": root, "codec": ident, "frames": num_frames}, sort_keys=True)
     return Path(cache_dir) / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"
 
