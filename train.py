@@ -100,7 +100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="explicit (matmul+softmax) or fused (scaled_dot_product_attention, flash on CUDA); "
                         "auto = fused on CUDA, explicit on CPU (default: auto)")
     t.add_argument("--seed", type=int, default=0, help="seed for initialisation, batches and dropout (default: 0)")
-    t.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt exactly where it stopped")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from OUT_DIR/ckpt.pt exactly where it stopped; the data, codec and model flags "
+                        "are taken from the checkpoint")
     return p.parse_args(argv)
 
 
