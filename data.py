@@ -88,13 +88,17 @@ def read_audio(path: str | Path, num_samples: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------
 # The codec
 
+def _nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest centroid (k, D) for each row of x (N, D), from |x|^2 - 2 x.c + |c|^2: one matmul
+    (EnCodec's own k-means builds an (N, k, D) tensor, too big for a real data set)."""
+    return ((x * x).sum(1, keepdim=True) - 2 * x @ centroids.T + (centroids * centroids).sum(1)).argmin(1)
+
+
 def _kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> torch.Tensor:
-    """Plain k-means on x (N, D) -> centroids (k, D). Distances by one matmul (EnCodec's own k-means
-    builds an (N, k, D) tensor, too big for a real data set)."""
+    """Plain k-means on x (N, D) -> centroids (k, D)."""
     centroids = x[torch.randint(len(x), (k,), generator=generator)]
     for _ in range(iters):
-        dist = (x * x).sum(1, keepdim=True) - 2 * x @ centroids.T + (centroids * centroids).sum(1)
-        assign = dist.argmin(1)
+        assign = _nearest(x, centroids)
         counts = torch.bincount(assign, minlength=k).to(x.dtype)
         sums = torch.zeros_like(centroids).index_add_(0, assign, x)
         empty = counts == 0  # an empty cluster restarts at a random point
@@ -200,8 +204,7 @@ class Codec:
         books = []
         for _ in range(self.levels):
             centroids = _kmeans(residual, k, iters, generator)
-            dist = (residual * residual).sum(1, keepdim=True) - 2 * residual @ centroids.T + (centroids ** 2).sum(1)
-            residual = residual - centroids[dist.argmin(1)]
+            residual = residual - centroids[_nearest(residual, centroids)]
             # argmin picks the first of equal distances, so the repeated rows after k are never chosen
             books.append(centroids[torch.arange(CODEBOOK_SIZE) % k])
         self._set_codebooks(torch.stack(books).to(self.device))
