@@ -95,17 +95,19 @@ def test_rotary_dim_from_x_transformers():
 
 
 def test_rotary_tables_match_x_transformers_inv_freq():
-    """Our cos/sin tables are cos/sin(position * x-transformers' inv_freq), each frequency repeated twice
-    (interleaved layout), for every position up to max_seq_len."""
+    """Our rotation table holds e^(i * position * inv_freq) for x-transformers' inv_freq, one complex number per
+    pair of dims (interleaved layout), for every position up to max_seq_len; the pairs that do not rotate hold 1."""
     torch.manual_seed(0)
     net, heads, dim_head, max_len, _ = build_xt("reference")
     inv_freq = net.state_dict()["attn_layers.rotary_pos_emb.inv_freq"]
     model = GPT.from_x_transformers(net.state_dict(), heads=heads, dim_head=dim_head, max_seq_len=max_len)
     angles = torch.outer(torch.arange(max_len).float(), inv_freq.float())
-    assert model.cos.shape == (max_len, 2 * inv_freq.numel())
-    for table, fn in ((model.cos, torch.cos), (model.sin, torch.sin)):
-        torch.testing.assert_close(table[:, 0::2], fn(angles), atol=1e-6, rtol=0)
-        torch.testing.assert_close(table[:, 1::2], fn(angles), atol=1e-6, rtol=0)
+    pairs = inv_freq.numel()
+    table = model.rotations
+    assert table.shape == (max_len, dim_head // 2) and table.is_complex()
+    torch.testing.assert_close(table[:, :pairs].real, angles.cos(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(table[:, :pairs].imag, angles.sin(), atol=1e-6, rtol=0)
+    assert (table[:, pairs:] == 1).all()
 
 
 def test_autoregressive_wrapper_state_dict_loads():
@@ -208,6 +210,49 @@ def test_chunked_cached_forward_matches_uncached(attention):
         for start, end in [(0, 5), (5, 12), (12, 13), (13, 30), (30, L)]:
             got = model(idx[:, start:end], start, caches)
             torch.testing.assert_close(got, full[:, start:end], atol=1e-5, rtol=0, msg=f"chunk {start}:{end}")
+
+
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_static_shape_decoding_matches_int_positions(attention):
+    """decode_one_token with the position as a tensor (whole cache, masked: the form torch.compile and CUDA graphs
+    use) gives the same logits as with an int position (cache sliced to the filled prefix), at every position."""
+    torch.manual_seed(20)
+    model = small_gpt(attention)
+    B, L = 2, model.cfg.max_seq_len
+    idx = torch.randint(0, model.cfg.vocab_size, (B, L))
+    with torch.no_grad():
+        full = model(idx)
+        caches = model.new_caches(B, L)
+        model.prefill(idx[:, :3], caches)
+        for pos in range(3, L):
+            step = model.decode_one_token(idx[:, pos], torch.tensor([pos]), caches)
+            torch.testing.assert_close(step, full[:, pos], atol=1e-5, rtol=0, msg=f"position {pos}")
+
+
+def test_compiled_decode_generates_like_eager():
+    """compile_decode (torch.compile of the static-shape decode; a CUDA graph with mode='reduce-overhead' on a GPU)
+    samples exactly the tokens of eager decoding with the same seed, and its logits match within float tolerance."""
+    torch.manual_seed(21)
+    model = small_gpt("fused", max_seq_len=24, depth=1)
+    compiled = small_gpt("fused", max_seq_len=24, depth=1)
+    compiled.load_state_dict(model.state_dict())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, compiled = model.to(device), compiled.to(device)
+    compiled.compile_decode(mode="reduce-overhead" if device == "cuda" else None)
+    prompt = torch.randint(0, 100, (3, 2), device=device)
+    for temperature in (0.0, 1.0):
+        eager = model.generate(prompt, 20, temperature=temperature,
+                               generator=torch.Generator(device).manual_seed(5))
+        got = compiled.generate(prompt, 20, temperature=temperature,
+                                generator=torch.Generator(device).manual_seed(5))
+        assert torch.equal(eager, got)
+    with torch.no_grad():
+        caches = compiled.new_caches(3, 21)
+        compiled.prefill(prompt, caches)
+        logits = compiled.compiled_decode(prompt[:, -1], torch.tensor([2], device=device), caches)
+        caches = model.new_caches(3, 21)
+        model.prefill(prompt, caches)
+        torch.testing.assert_close(logits, model.decode_one_token(prompt[:, -1], 2, caches), atol=1e-4, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,367 @@
+"""
+Benchmarks: codecgpt side by side with x-transformers and the reference recipe, in one run.
+
+    python bench.py                       # CPU: sampling, training steps, encoding; prints a table
+    python bench.py --device cuda         # the same on a GPU, plus compiled decoding, --compile training and MFU
+    python bench.py --json bench.json     # also write every number
+
+x-transformers is imported here and in the tests only (it is a dev dependency, requirements-dev.txt); codecgpt itself
+never uses it. The reference model (TransformerWrapper + Decoder(rotary_pos_emb=True), dim 256, depth 6, heads 4,
+1024 tokens) is built with it, and its weights are copied into codecgpt's GPT with GPT.from_x_transformers, so both
+sample with the same weights and the same settings: temperature 1, no filtering (the reference's plain multinomial).
+
+Each row is the median of --repeats timed runs after one warm-up run. Ratios are taken within this run, so they hold
+on a noisy machine. Peak memory is the resident set's rise above where it stood before the row (CPU, polled every
+2 ms) or torch.cuda.max_memory_allocated (GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+
+import data
+from model import GPT, GPTConfig
+
+REAL_GUITAR = Path(__file__).resolve().parent.parent / "shared" / "data" / "real-guitar"
+REFERENCE = dict(num_tokens=1024, max_seq_len=250, dim=256, depth=6, heads=4)
+SAMPLE_TOKENS = 250          # the reference's length: 125 frames x 2 levels = 1.667 s of audio
+SECONDS_PER_TOKEN = 1 / (data.FRAME_RATE * 2)
+H100_BF16_FLOPS = 989e12     # dense bf16 peak of an H100 SXM, for MFU
+
+
+# ----------------------------------------------------------------------------------------------------
+# Measuring
+
+class PeakMemory:
+    """Peak memory of the code inside `with`: CUDA allocator peak, or the rise of this process's resident set."""
+
+    def __init__(self, device: str):
+        self.device, self.peak_mb = device, float("nan")
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        elif os.path.exists("/proc/self/statm"):
+            self.base = self.peak = self.rss()
+            self.done = threading.Event()
+
+            def poll():
+                while not self.done.wait(0.002):
+                    self.peak = max(self.peak, self.rss())
+            self.thread = threading.Thread(target=poll, daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak_mb = (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        elif hasattr(self, "done"):
+            self.done.set()
+            self.thread.join()
+            self.peak_mb = (max(self.peak, self.rss()) - self.base) / 2**20
+
+
+def timed(fn, repeats: int, device: str, warmup: int = 1) -> dict:
+    """Median wall time of fn() over `repeats` runs after `warmup` runs, and the peak memory of the timed runs."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    with PeakMemory(device) as mem:
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t)
+    return {"seconds": statistics.median(times), "runs": [round(t, 4) for t in times], "peak_mb": mem.peak_mb}
+
+
+ROWS: list[dict] = []
+
+
+def report(section: str, name: str, result: dict, per_second: float, unit: str, baseline: str | None = None,
+           **extra) -> dict:
+    row = {"section": section, "name": name, **result, unit: per_second, "unit": unit, **extra}
+    base = next((r for r in ROWS if r["section"] == section and r["name"] == baseline), None)
+    row["vs"] = baseline
+    row["ratio"] = base["seconds"] / result["seconds"] if base else None
+    ROWS.append(row)
+    ratio = f"{row['ratio']:6.2f}x vs {baseline}" if base else ""
+    extras = "".join(f"  {k} {v:.3g}" for k, v in extra.items() if isinstance(v, float))
+    print(f"  {name:<44} {result['seconds']:8.3f} s  {per_second:10.1f} {unit:<9} "
+          f"peak {result['peak_mb']:7.1f} MB  {ratio}{extras}", flush=True)
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling
+
+def reference_models(device: str):
+    from x_transformers import AutoregressiveWrapper, Decoder, TransformerWrapper
+    torch.manual_seed(0)
+    net = TransformerWrapper(num_tokens=REFERENCE["num_tokens"], max_seq_len=REFERENCE["max_seq_len"],
+                             emb_dropout=0.1, attn_layers=Decoder(dim=REFERENCE["dim"], depth=REFERENCE["depth"],
+                                                                  heads=REFERENCE["heads"], rotary_pos_emb=True,
+                                                                  attn_dropout=0.1, ff_dropout=0.1))
+    net = net.to(device).eval()
+    ours = GPT.from_x_transformers(net.state_dict(), heads=REFERENCE["heads"]).to(device).eval()
+    return net, AutoregressiveWrapper(net).eval(), ours
+
+
+def naive_generate(net, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """The reference recipe's loop: the whole sequence so far is run again for every new token."""
+    x = prompt
+    with torch.inference_mode():
+        for _ in range(new_tokens):
+            probs = net(x)[:, -1].softmax(dim=-1)
+            x = torch.cat((x, torch.multinomial(probs, 1)), dim=1)
+    return x
+
+
+def bench_sampling(args) -> None:
+    print(f"\nsampling {SAMPLE_TOKENS} tokens from BOS, reference model, float32, temperature 1, no filtering")
+    net, wrapper, ours = reference_models(args.device)
+    no_filter = lambda logits, **kwargs: logits  # noqa: E731
+    ours.set_attention("fused")
+    compiled = None
+    if args.device == "cuda" or args.compile:
+        compiled = GPT.from_x_transformers(net.state_dict(), heads=REFERENCE["heads"]).to(args.device).eval()
+        compiled.compile_decode(mode="reduce-overhead" if args.device == "cuda" else None)
+    for batch in args.batches:
+        section = f"sample b{batch}"
+        print(f" batch {batch}:")
+        prompt = torch.zeros(batch, 1, dtype=torch.long, device=args.device)
+        tokens = batch * SAMPLE_TOKENS
+        audio = tokens * SECONDS_PER_TOKEN
+
+        def row(name, fn, repeats=args.repeats, baseline="x-transformers generate(cache_kv=True)"):
+            r = timed(fn, repeats, args.device)
+            report(section, name, r, tokens / r["seconds"], "tokens/s", baseline,
+                   realtime_factor=audio / r["seconds"])
+
+        with torch.inference_mode():
+            row("x-transformers generate(cache_kv=True)",
+                lambda: wrapper.generate(prompt, SAMPLE_TOKENS, filter_logits_fn=no_filter, cache_kv=True),
+                baseline=None)
+        if batch <= args.naive_max_batch:
+            # The naive loop grows quadratically: at batch 16 one run takes ~40 s on 2 cores, so it runs once there.
+            row("reference naive loop (no cache)", lambda: naive_generate(net, prompt, SAMPLE_TOKENS),
+                repeats=args.repeats if batch == 1 else 1)
+        else:
+            print(f"  {'reference naive loop (no cache)':<44} skipped (--naive-max-batch {args.naive_max_batch})")
+        row("codecgpt generate (KV cache)", lambda: ours.generate(prompt, SAMPLE_TOKENS))
+        if compiled is not None:
+            row("codecgpt generate (compiled decode)", lambda: compiled.generate(prompt, SAMPLE_TOKENS))
+        naive = next((r for r in ROWS if r["section"] == section and r["name"].startswith("reference naive")), None)
+        for r in ROWS:
+            if naive and r["section"] == section and r["name"].startswith("codecgpt"):
+                r["ratio_vs_naive"] = naive["seconds"] / r["seconds"]
+                print(f"  {r['name']:<44} {r['ratio_vs_naive']:6.2f}x vs the naive loop")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training steps
+
+def train_flops_per_token(model: torch.nn.Module, dim: int, depth: int, seq_len: int) -> float:
+    """6 FLOPs per parameter per token (forward + backward), plus attention's 12 * depth * dim * seq_len (PaLM)."""
+    params = sum(p.numel() for p in model.parameters())
+    return 6 * params + 12 * depth * dim * seq_len
+
+
+def bench_training(args) -> None:
+    from x_transformers import Decoder, TransformerWrapper
+    device = args.device
+    bf16_ok = device == "cuda" or torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    configs = [("reference", REFERENCE["dim"], REFERENCE["depth"], REFERENCE["heads"], args.train_batches)]
+    if device == "cuda":
+        configs.append(("dim 512 depth 12", 512, 12, 8, [32]))
+    for label, dim, depth, heads, batches in configs:
+        for batch in batches:
+            section = f"train {label} b{batch}"
+            seq = REFERENCE["max_seq_len"]
+            print(f"\ntraining step ({label}, batch {batch} x {seq + 1}): forward, cross-entropy, backward, AdamW")
+            x = torch.randint(0, REFERENCE["num_tokens"], (batch, seq + 1), device=device)
+
+            def step_fn(model, autocast):
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+
+                def step():
+                    with autocast:
+                        logits = model(x[:, :-1])
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                return step
+
+            def row(name, model, autocast=nullcontext(), baseline="x-transformers float32"):
+                repeats = args.repeats if batch <= 32 else max(1, args.repeats - 1)
+                r = timed(step_fn(model, autocast), repeats, device, warmup=2 if "compile" in name else 1)
+                extra = {}
+                if device == "cuda":
+                    flops = train_flops_per_token(model, dim, depth, seq) * batch * seq / r["seconds"]
+                    extra["mfu"] = flops / H100_BF16_FLOPS
+                report(section, name, r, batch * seq / r["seconds"], "tokens/s", baseline, **extra)
+
+            for flash in (False, True):
+                torch.manual_seed(0)
+                xt = TransformerWrapper(num_tokens=REFERENCE["num_tokens"], max_seq_len=seq, emb_dropout=0.1,
+                                        attn_layers=Decoder(dim=dim, depth=depth, heads=heads, rotary_pos_emb=True,
+                                                            attn_dropout=0.1, ff_dropout=0.1, attn_flash=flash))
+                row("x-transformers float32" + (" attn_flash" if flash else ""), xt.to(device).train(),
+                    baseline=None if not flash else "x-transformers float32")
+                del xt
+            variants = [("explicit", "float32"), ("fused", "float32")]
+            if bf16_ok:
+                variants += [("explicit", "bfloat16"), ("fused", "bfloat16")]
+            for attention, dtype in variants:
+                torch.manual_seed(0)
+                model = GPT(GPTConfig(vocab_size=REFERENCE["num_tokens"], max_seq_len=seq, dim=dim, depth=depth,
+                                      heads=heads)).to(device).train()
+                model.set_attention(attention)
+                autocast = torch.autocast(device, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+                row(f"codecgpt {attention} {dtype}", model, autocast)
+                if device == "cuda" and attention == "fused" and dtype == "bfloat16":
+                    row(f"codecgpt {attention} {dtype} --compile", torch.compile(model), autocast)
+                del model
+            if not bf16_ok:
+                print("  (this CPU has no bf16 support: bfloat16 rows skipped)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Encoding
+
+def reference_encode(files: list[Path], codec: data.Codec, frames: int) -> None:
+    """The reference recipe's dataset: one file at a time, read whole, encoded whole, then cut to `frames`."""
+    from encodec.utils import convert_audio
+    for f in files:
+        audio, sr = sf.read(f, dtype="float32", always_2d=True)
+        wav = convert_audio(torch.from_numpy(audio.T), sr, data.SAMPLE_RATE, 1)
+        codec.encode(wav)[:, :, :frames]
+
+
+def bench_encoding(args) -> None:
+    frames = data.DEFAULT_FRAMES
+    try:
+        codec, kind = data.Codec.pretrained(1.5), "pretrained"
+    except data.DataError:
+        codec, kind = data.Codec.untrained(1.5, seed=0), "untrained (same network, so the same speed)"
+    codec.to(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = [("synthetic 4 s notes", data.make_synthetic(Path(tmp) / "notes", num_notes=args.notes, seed=0))]
+        if REAL_GUITAR.is_dir():
+            folders.append(("real guitar notes", REAL_GUITAR))
+        else:
+            print(f"\n(real notes not found at {REAL_GUITAR}: that encoding row is skipped)")
+        for label, folder in folders:
+            files = data.find_audio(folder)
+            section = f"encode {label}"
+            print(f"\nencoding {len(files)} {label} ({frames} frames each) with the {kind} codec on {args.device}")
+            r = timed(lambda: reference_encode(files, codec, frames), 1, args.device)
+            report(section, "one file at a time, whole file (reference)", r, len(files) / r["seconds"], "notes/s")
+            r = timed(lambda: data.encode_files(files, codec, frames, desc="bench"), 1, args.device)
+            report(section, "codecgpt encode_files, batches of 32", r, len(files) / r["seconds"], "notes/s",
+                   "one file at a time, whole file (reference)")
+            cache = Path(tmp) / f"cache-{len(ROWS)}.npz"
+            data.encode_files(files, codec, frames, cache=cache, desc="bench")
+            r = timed(lambda: data.encode_files(files, codec, frames, cache=cache), 3, args.device)
+            report(section, "codecgpt token cache reload", r, len(files) / r["seconds"], "notes/s",
+                   "one file at a time, whole file (reference)")
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    p.add_argument("--only", default="sample,train,encode",
+                   help="comma-separated parts to run, from: sample, train, encode")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per row (the median is reported)")
+    p.add_argument("--batches", default="1,16,64", help="sampling batch sizes")
+    p.add_argument("--naive-max-batch", type=int, default=16,
+                   help="largest batch for the naive loop (it takes minutes at batch 64 on a CPU)")
+    p.add_argument("--train-batches", default="16,125", help="training batch sizes (125 is the reference's)")
+    p.add_argument("--notes", type=int, default=64, help="synthetic notes to encode")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd decoding on CPU (on by default "
+                                                         "on CUDA, where it is a CUDA graph)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--json", metavar="FILE", help="write all rows and the machine description to FILE")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
+    parts = set(args.only.split(","))
+    if not parts <= {"sample", "train", "encode"}:
+        p.error(f"--only: unknown parts {sorted(parts - {'sample', 'train', 'encode'})}")
+    args.parts = parts
+    try:
+        args.batches = [int(b) for b in args.batches.split(",")]
+        args.train_batches = [int(b) for b in args.train_batches.split(",")]
+    except ValueError:
+        p.error("--batches and --train-batches take comma-separated integers")
+    return args
+
+
+def machine(device: str) -> dict:
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        names = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")]
+        cpu = f"{names[0]} x {len(names)}" if names else cpu
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": device, "cpu": cpu,
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    info = machine(args.device)
+    print("codecgpt bench: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+    t0 = time.time()
+    if "sample" in args.parts:
+        bench_sampling(args)
+    if "train" in args.parts:
+        bench_training(args)
+    if "encode" in args.parts:
+        bench_encoding(args)
+    print(f"\nbench finished in {time.time() - t0:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": info, "rows": ROWS}, indent=1,
+                                              default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
