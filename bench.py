@@ -284,7 +284,7 @@ def bench_encoding(args) -> None:
             r = timed(lambda: reference_encode(files, codec, frames), 1, args.device)
             report(section, "one file at a time, whole file (reference)", r, len(files) / r["seconds"], "notes/s")
             r = timed(lambda: data.encode_files(files, codec, frames, desc="bench"), 1, args.device)
-            report(section, "codecgpt encode_files, batches of 32", r, len(files) / r["seconds"], "notes/s",
+            report(section, "codecgpt encode_files (batched)", r, len(files) / r["seconds"], "notes/s",
                    "one file at a time, whole file (reference)")
             cache = Path(tmp) / f"cache-{len(ROWS)}.npz"
             data.encode_files(files, codec, frames, cache=cache, desc="bench")

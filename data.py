@@ -277,8 +277,11 @@ def _file_key(path: Path) -> tuple[str, int, int]:
 
 
 def encode_files(files: list[Path], codec: Codec, num_frames: int, cache: Path | None = None,
-                 batch_size: int = 32, save_every: float = 60.0, desc: str = "encoding") -> EncodedFiles:
+                 batch_size: int | None = None, save_every: float = 60.0, desc: str = "encoding") -> EncodedFiles:
     """Encode the first num_frames frames of each file, reusing and updating the cache file.
+
+    batch_size None: 64 notes per batch on a GPU; 4 on a CPU, where bigger batches are slower per note (the
+    encoder's activations outgrow the CPU caches: 0.125 s per note at 4, 0.21 s at 32, measured on 2 cores).
 
     A file is encoded again when its size or mtime changed. Progress is saved every `save_every` seconds,
     so an interrupted run keeps what it did and the next run encodes only what is missing.
@@ -328,6 +331,8 @@ def encode_files(files: list[Path], codec: Codec, num_frames: int, cache: Path |
         _save_npz_atomically(cache, codes=codes.astype(np.uint16),
                              manifest=np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8))
 
+    if batch_size is None:
+        batch_size = 64 if codec.device.type == "cuda" else 4
     if todo:
         last_save = time.monotonic()
         with tqdm(total=len(todo), desc=desc, unit="file", disable=None) as bar:
