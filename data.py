@@ -332,7 +332,7 @@ def encode_files(files: list[Path], codec: Codec, num_frames: int, cache: Path |
                              manifest=np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8))
 
     if batch_size is None:
-        batch_size = 64 if codec.device.type == "cuda" else 4
+        batch_size = 64 if getattr(codec, "device", torch.device("cpu")).type == "cuda" else 4
     if todo:
         last_save = time.monotonic()
         with tqdm(total=len(todo), desc=desc, unit="file", disable=None) as bar:
@@ -371,47 +371,106 @@ def encode_files(files: list[Path], codec: Codec, num_frames: int, cache: Path |
 # ----------------------------------------------------------------------------------------------------
 # Tokenizer
 
-class CodecTokenizer:
-    """Codes (B, levels, frames) <-> one token stream (B, 1 + levels * frames), frame-major like the reference.
+NSYNTH_SOURCES = ("acoustic", "electronic", "synthetic")
+MIDI_VALUES = 128   # pitch and velocity are MIDI numbers 0..127
 
-        codes, 2 levels x 3 frames              tokens
-          level 0:  a0  a1  a2          ->   BOS  a0  b0  a1  b1  a2  b2
-          level 1:  b0  b1  b2                    |-frame 0-|-frame 1-|-frame 2-|
+
+class CodecTokenizer:
+    """Codes (B, levels, frames) <-> one token stream (B, prefix + levels * frames), frame-major like the reference.
+
+        codes, 2 levels x 3 frames              tokens (conditions=True)
+          level 0:  a0  a1  a2          ->   BOS  pitch  velocity  source  a0  b0  a1  b1  a2  b2
+          level 1:  b0  b1  b2                    |----- condition -----|-frame 0-|-frame 1-|-frame 2-|
 
     layout "levels" (ours): every level has its own ids, token = level * 1024 + code, and BOS = levels * 1024
-    is no code at all; vocab_size = levels * 1024 + 1. The level of position p >= 1 is (p - 1) % levels, so
-    sampling can be restricted to that level's ids (allowed()).
+    is no code at all. The level of position p >= prefix is (p - prefix) % levels, so sampling can be
+    restricted to that level's ids (allowed()).
+    conditions=True (levels layout only) puts three condition tokens after BOS: the note's MIDI pitch, its MIDI
+    velocity and its instrument source (NSYNTH_SOURCES), each with its own ids and its own "unknown" id, used for
+    unlabelled notes, for condition dropout in training and for the unconditional pass of classifier-free guidance.
     layout "shared" (the reference recipe): token = code for every level and BOS = 0, which is also code 0;
     vocab_size = 1024. Kept so that the reference notebook's checkpoints can be sampled.
     """
 
-    def __init__(self, levels: int, codebook_size: int = CODEBOOK_SIZE, layout: str = "levels"):
+    def __init__(self, levels: int, codebook_size: int = CODEBOOK_SIZE, layout: str = "levels",
+                 conditions: bool = False):
         if layout not in ("levels", "shared"):
             raise ValueError(f"layout must be 'levels' or 'shared', got {layout!r}")
-        self.levels, self.codebook_size, self.layout = levels, codebook_size, layout
+        if conditions and layout != "levels":
+            raise ValueError("condition tokens need the 'levels' layout")
+        self.levels, self.codebook_size, self.layout, self.conditions = levels, codebook_size, layout, conditions
         self.bos = levels * codebook_size if layout == "levels" else 0
-        self.vocab_size = levels * codebook_size + 1 if layout == "levels" else codebook_size
+        # condition ids follow BOS: pitch 0..127 + unknown, velocity 0..127 + unknown, source 0..2 + unknown
+        self.pitch0 = self.bos + 1
+        self.velocity0 = self.pitch0 + MIDI_VALUES + 1
+        self.source0 = self.velocity0 + MIDI_VALUES + 1
+        self.unknown = torch.tensor([self.pitch0 + MIDI_VALUES, self.velocity0 + MIDI_VALUES,
+                                     self.source0 + len(NSYNTH_SOURCES)])
+        self.prefix = 4 if conditions else 1
+        if layout == "shared":
+            self.vocab_size = codebook_size
+        else:
+            self.vocab_size = levels * codebook_size + 1 + (int(self.unknown[-1]) - self.bos if conditions else 0)
 
     def state(self) -> dict:
-        return {"levels": self.levels, "codebook_size": self.codebook_size, "layout": self.layout}
+        return {"levels": self.levels, "codebook_size": self.codebook_size, "layout": self.layout,
+                "conditions": self.conditions}
 
     def _offsets(self, device) -> torch.Tensor:
         """What is added to each level's codes: (levels, 1)."""
         step = self.codebook_size if self.layout == "levels" else 0
         return (torch.arange(self.levels, device=device) * step)[:, None]
 
-    def encode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (B, levels, frames) -> tokens (B, 1 + levels * frames), starting with BOS."""
+    def condition_tokens(self, pitch, velocity, source, batch: int = 1, device=None) -> torch.Tensor:
+        """(B, 3) condition tokens. Each of pitch, velocity (MIDI 0..127), source (index into NSYNTH_SOURCES) is an
+        int, a (B,) tensor, or None / -1 for unknown. Raises ValueError for a value out of range."""
+        columns = []
+        for name, value, first, count in (("pitch", pitch, self.pitch0, MIDI_VALUES),
+                                          ("velocity", velocity, self.velocity0, MIDI_VALUES),
+                                          ("source", source, self.source0, len(NSYNTH_SOURCES))):
+            value = torch.full((batch,), -1) if value is None else torch.as_tensor(value).long().expand(batch)
+            if ((value < -1) | (value >= count)).any():
+                raise ValueError(f"{name} must be in 0..{count - 1} (or unknown), got {value.tolist()}")
+            columns.append(torch.where(value < 0, first + count, first + value))
+        return torch.stack(columns, dim=1).to(device)
+
+    def encode(self, codes: torch.Tensor, pitch=None, velocity=None, source=None) -> torch.Tensor:
+        """codes (B, levels, frames) -> tokens (B, prefix + levels * frames): BOS, the condition tokens when the
+        tokenizer has them (unknown where a label is None or -1), then the codes."""
         B, L, _ = codes.shape
         assert L == self.levels, f"expected {self.levels} levels, got {L}"
         flat = (codes.long() + self._offsets(codes.device)).transpose(1, 2).reshape(B, -1)  # t0q0 t0q1 t1q0 ...
-        bos = torch.full((B, 1), self.bos, dtype=torch.long, device=codes.device)
-        return torch.cat([bos, flat], dim=1)
+        return torch.cat([self.start(B, pitch, velocity, source, codes.device), flat], dim=1)
+
+    def start(self, batch: int, pitch=None, velocity=None, source=None, device=None) -> torch.Tensor:
+        """The prompt that every sequence starts with: (B, prefix) = BOS [+ condition tokens]."""
+        bos = torch.full((batch, 1), self.bos, dtype=torch.long, device=device)
+        if not self.conditions:
+            return bos
+        return torch.cat([bos, self.condition_tokens(pitch, velocity, source, batch, device)], dim=1)
+
+    def drop_conditions(self, tokens: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A copy of tokens in which each condition token is independently replaced by its "unknown" id with
+        probability p (condition dropout: one model learns conditional and unconditional generation)."""
+        if not self.conditions or p == 0:
+            return tokens
+        drop = torch.rand(tokens.shape[0], 3, generator=generator) < p
+        tokens = tokens.clone()
+        tokens[:, 1:4] = torch.where(drop.to(tokens.device), self.unknown.to(tokens.device), tokens[:, 1:4])
+        return tokens
+
+    def unconditional(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens with every condition replaced by "unknown": the input of classifier-free guidance's second pass."""
+        if not self.conditions:
+            return tokens
+        tokens = tokens.clone()
+        tokens[:, 1:4] = self.unknown.to(tokens.device)
+        return tokens
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, 1 + n) starting with BOS -> codes (B, levels, n // levels); an unfinished last frame is
+        """tokens (B, prefix + n) -> codes (B, levels, n // levels); an unfinished last frame is
         dropped. Raises ValueError when a token is not a code of its position's level."""
-        body = tokens[:, 1:]
+        body = tokens[:, self.prefix:]
         frames = body.shape[1] // self.levels
         codes = body[:, :frames * self.levels].reshape(len(tokens), frames, self.levels).transpose(1, 2)
         codes = codes - self._offsets(tokens.device)
@@ -420,25 +479,24 @@ class CodecTokenizer:
         return codes
 
     def level_of(self, pos: torch.Tensor | int):
-        """The codec level that position pos >= 1 holds (position 0 is BOS)."""
-        return (pos - 1) % self.levels
+        """The codec level that position pos >= prefix holds (positions before are BOS and conditions)."""
+        return (pos - self.prefix) % self.levels
 
     def allowed(self, seq_len: int, device=None) -> torch.Tensor:
-        """(seq_len, vocab_size) bool: at position p >= 1 only codes of level_of(p) (row 0, BOS, allows nothing).
-        With the shared layout every code is allowed everywhere, as in the reference."""
+        """(seq_len, vocab_size) bool: at position p >= prefix only codes of level_of(p) (the prefix's rows allow
+        nothing). With the shared layout every code is allowed everywhere, as in the reference."""
         mask = torch.zeros(seq_len, self.vocab_size, dtype=torch.bool, device=device)
         if self.layout == "shared":
-            mask[1:] = True
+            mask[self.prefix:] = True
             return mask
         for level in range(self.levels):
-            mask[1 + level::self.levels, level * self.codebook_size:(level + 1) * self.codebook_size] = True
+            mask[self.prefix + level::self.levels, level * self.codebook_size:(level + 1) * self.codebook_size] = True
         return mask
 
 
 # ----------------------------------------------------------------------------------------------------
 # NSynth labels
 
-NSYNTH_SOURCES = ("acoustic", "electronic", "synthetic")
 _NSYNTH_NAME = re.compile(r"^(?P<family>[a-z]+)_(?P<source>acoustic|electronic|synthetic)_(?P<inst>\d+)"
                           r"-(?P<pitch>\d+)-(?P<velocity>\d+)$")
 
@@ -601,7 +659,7 @@ def pluck(pitch: int, velocity: int, seconds: float, sample_rate: int, decay: fl
     line = noise
     for start in range(0, len(out), period):
         out[start:start + period] = line
-        line = decay * 0.5 * (line + np.roll(line, -1))
+        line = decay * 0.5 * (line + np.roll(line, 1))   # average with the previous sample
     out = out[:n].reshape(-1, over).mean(axis=1)          # back to sample_rate (box filter)
     out *= (velocity / 127) * 0.8 / (np.abs(out).max() + 1e-9)
     return out.astype(np.float32)
@@ -670,11 +728,11 @@ def resolve_data(data: str, data_dir: str | Path = "data", synthetic_notes: int 
 
 
 class TokenDataset(torch.utils.data.Dataset):
-    """Token sequences (N, 1 + levels * frames), BOS first, with the NSynth labels of each note."""
+    """Token sequences (N, prefix + levels * frames), BOS first, with the NSynth labels of each note
+    (-1 where unknown), which are also in the tokens when the tokenizer has condition tokens."""
 
     def __init__(self, encoded: EncodedFiles, tokenizer: CodecTokenizer):
         self.files = encoded.files
-        self.tokens = tokenizer.encode(torch.from_numpy(encoded.codes.astype(np.int64)))
         examples = {}
         for folder in sorted({f.parent for f in self.files}):
             examples.update(load_examples_json(folder) or {})
@@ -682,6 +740,8 @@ class TokenDataset(torch.utils.data.Dataset):
         self.pitch = torch.tensor([l["pitch"] for l in labels], dtype=torch.long)
         self.velocity = torch.tensor([l["velocity"] for l in labels], dtype=torch.long)
         self.source = torch.tensor([l["source"] for l in labels], dtype=torch.long)
+        self.tokens = tokenizer.encode(torch.from_numpy(encoded.codes.astype(np.int64)),
+                                       self.pitch, self.velocity, self.source)
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -295,12 +295,16 @@ class GPT(nn.Module):
     @torch.inference_mode()
     def generate(self, prompt: Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, use_kv_cache: bool = True,
-                 generator: torch.Generator | None = None, allowed: Tensor | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, allowed: Tensor | None = None,
+                 uncond_prompt: Tensor | None = None, cfg_scale: float = 1.0) -> Tensor:
         """Sample max_new_tokens after prompt (B, T0); returns (B, T0 + max_new_tokens), prompt included.
 
         temperature 0 is greedy. allowed: optional bool tensor (T0 + max_new_tokens, vocab_size); row p says
         which tokens may be sampled at position p (used to sample only codes of the level a position holds).
         use_kv_cache=False re-runs the whole sequence for every token, like the reference recipe.
+        uncond_prompt (B, T0) and cfg_scale: classifier-free guidance. The prompt and uncond_prompt (the same
+        prompt with its conditions replaced by "unknown") run as one batch of 2B, both with the cache, and each
+        token is sampled from uncond + cfg_scale * (cond - uncond), then fed to both halves.
         """
         B, T0 = prompt.shape
         total = T0 + max_new_tokens
@@ -308,28 +312,37 @@ class GPT(nn.Module):
         if total - 1 > self.cfg.max_seq_len:
             raise ValueError(f"prompt ({T0}) + new tokens ({max_new_tokens}) need {total - 1} positions; "
                              f"the model has max_seq_len={self.cfg.max_seq_len}")
+        guided = uncond_prompt is not None and cfg_scale != 1.0
+        if guided and uncond_prompt.shape != prompt.shape:
+            raise ValueError(f"uncond_prompt {tuple(uncond_prompt.shape)} must have the prompt's shape {(B, T0)}")
         was_training = self.training
         self.eval()
-        tokens = torch.empty(B, total, dtype=torch.long, device=prompt.device)
-        tokens[:, :T0] = prompt
+        # rows B.. hold the unconditional copy when guiding; both copies get the same sampled tokens
+        seqs = torch.empty(2 * B if guided else B, total, dtype=torch.long, device=prompt.device)
+        seqs[:B, :T0] = prompt
+        if guided:
+            seqs[B:, :T0] = uncond_prompt
         # The cache holds what the layers compute: bf16 under autocast, the weights' dtype otherwise.
         dtype = torch.get_autocast_dtype(prompt.device.type) if torch.is_autocast_enabled(prompt.device.type) else None
-        caches = self.new_caches(B, total - 1, dtype) if use_kv_cache else None
+        caches = self.new_caches(len(seqs), total - 1, dtype) if use_kv_cache else None
         positions = torch.arange(total, device=prompt.device)
-        logits = self.prefill(prompt, caches) if use_kv_cache else self(prompt)[:, -1]
+        logits = self.prefill(seqs[:, :T0], caches) if use_kv_cache else self(seqs[:, :T0])[:, -1]
         for pos in range(T0, total):
+            if guided:
+                logits = classifier_free_guidance(logits, cfg_scale)
             mask = None if allowed is None else allowed[pos]
-            tokens[:, pos] = sample_next(logits, temperature, top_k, top_p, generator, mask)
+            token = sample_next(logits, temperature, top_k, top_p, generator, mask)
+            seqs[:, pos] = token.repeat(2) if guided else token
             if pos + 1 == total:
                 break
             if not use_kv_cache:
-                logits = self(tokens[:, :pos + 1])[:, -1]
+                logits = self(seqs[:, :pos + 1])[:, -1]
             elif self.compiled_decode is not None:
-                logits = self.compiled_decode(tokens[:, pos], positions[pos:pos + 1], caches).clone()
+                logits = self.compiled_decode(seqs[:, pos], positions[pos:pos + 1], caches).clone()
             else:
-                logits = self.decode_one_token(tokens[:, pos], pos, caches)
+                logits = self.decode_one_token(seqs[:, pos], pos, caches)
         self.train(was_training)
-        return tokens
+        return seqs[:B]
 
     # ------------------------------------------------------------------------------------------------
     # Loading the reference recipe's x-transformers weights
@@ -431,6 +444,13 @@ def model_from_checkpoint(ckpt: dict, path: str = "checkpoint") -> GPT:
 
 # ----------------------------------------------------------------------------------------------------
 # Sampling one token
+
+def classifier_free_guidance(logits: Tensor, scale: float) -> Tensor:
+    """logits (2B, vocab) of [conditional; unconditional] rows -> (B, vocab) = uncond + scale * (cond - uncond).
+    scale 0 is unconditional sampling, 1 conditional, above 1 pushes further towards the condition."""
+    cond, uncond = logits.float().chunk(2)
+    return uncond + scale * (cond - uncond)
+
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                 generator: torch.Generator | None = None, allowed: Tensor | None = None) -> Tensor:

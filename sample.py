@@ -3,9 +3,14 @@ Sample new notes from a trained codecgpt model and write them as WAV files.
 
     python sample.py                                  # 4 notes from out/best.pt into samples/
     python sample.py --num-samples 16 --temperature 0.9 --top-k 200
+    python sample.py --pitch 60 --velocity 100 --source acoustic        # ask for a middle C (guided, --cfg 3)
+    python sample.py --pitch 48-72 --report           # one note per pitch, named after it, and a pitch report
+    python sample.py --prompt note.wav --prompt-seconds 0.5             # continue a recording
     python sample.py --xt-checkpoint model_gen_autoreg_transformer.pth   # the reference notebook's model
 
-Each note starts from BOS; every new token is drawn only among the codes of the codec level its position holds.
+Each note starts from BOS and, for models trained with conditions (the default of train.py), the pitch, velocity
+and source tokens ("unknown" where not asked for); every new token is drawn only among the codes of the codec
+level its position holds.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
-from data import FRAME_RATE, SAMPLE_RATE, Codec, CodecTokenizer, DataError
+from data import FRAME_RATE, HOP, MIDI_VALUES, NSYNTH_SOURCES, SAMPLE_RATE, Codec, CodecTokenizer, DataError, read_audio
 from model import GPT, CheckpointError, load_checkpoint, model_from_checkpoint
 from train import non_negative, pick_device, positive
 
@@ -28,6 +33,32 @@ def probability(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def pitches(text: str) -> list[int]:
+    """'60', '60,64,67' or '48-72' (inclusive) -> MIDI pitches, each in 0..127."""
+    try:
+        values = []
+        for part in text.split(","):
+            low, _, high = part.strip().partition("-")
+            values += list(range(int(low), int(high) + 1)) if high else [int(low)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a MIDI pitch, a list like 60,64,67 or a range like 48-72, "
+                                         f"got {text!r}") from None
+    bad = [v for v in values if not 0 <= v < MIDI_VALUES]
+    if bad or not values:
+        raise argparse.ArgumentTypeError(f"MIDI pitches are 0..127, got {text!r}")
+    return values
+
+
+def midi_value(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer 0..127, got {text!r}") from None
+    if not 0 <= value < MIDI_VALUES:
+        raise argparse.ArgumentTypeError(f"must be in 0..127, got {value}")
     return value
 
 
@@ -42,7 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="head width of the --xt-checkpoint model (default: 64)")
     p.add_argument("--codec-weights", default=None,
                    help="local encodec_24khz-d7cc33bc.th, for checkpoints trained with the pretrained codec")
-    p.add_argument("--num-samples", type=positive(int), default=4, help="notes to generate (default: 4)")
+    p.add_argument("--num-samples", type=positive(int), default=None,
+                   help="notes to generate (default: 4; with --pitch, 1 per pitch)")
     p.add_argument("--batch-size", type=positive(int), default=16, help="notes generated at once (default: 16)")
     p.add_argument("--seconds", type=positive(float), default=None,
                    help="length of each note (default and maximum: the length the model was trained on)")
@@ -52,6 +84,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-p", type=probability, default=None,
                    help="sample among the most likely codes whose probability adds up to p, in (0, 1] (default: off)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    c = p.add_argument_group("asking for a note (models trained with conditions, the default of train.py)")
+    c.add_argument("--pitch", type=pitches, default=None,
+                   help="MIDI pitch (60 = middle C), a list (60,64,67) or a range (48-72): --num-samples notes per "
+                        "pitch, files named after it (default: unknown)")
+    c.add_argument("--velocity", type=midi_value, default=None, help="MIDI velocity 0..127 (NSynth has 25, 50, 75, "
+                                                                     "100, 127) (default: unknown)")
+    c.add_argument("--source", choices=NSYNTH_SOURCES, default=None, help="instrument source (default: unknown)")
+    c.add_argument("--cfg", type=non_negative(float), default=3.0,
+                   help="classifier-free guidance: logits = uncond + CFG * (cond - uncond); 1 = plain conditional "
+                        "sampling, 0 = ignore the conditions, above 1 = follow them more (default: 3.0)")
+    c.add_argument("--prompt", default=None, help="an audio file whose start the model continues")
+    c.add_argument("--prompt-seconds", type=positive(float), default=0.5,
+                   help="seconds of --prompt to keep and continue from (default: 0.5)")
+    c.add_argument("--report", action="store_true",
+                   help="with --pitch: estimate each note's f0, print the error in cents, write a spectrogram PNG "
+                        "beside each WAV and a summary 'pitch accuracy: N of M within 50 cents'")
     p.add_argument("--out-dir", default="samples", help="where sample_{i}.wav go (default: samples)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto = cuda when available (default: auto)")
@@ -84,6 +132,19 @@ def load_model(args) -> tuple[GPT, CodecTokenizer, Codec]:
     return model, CodecTokenizer(**ckpt["tokenizer"]), Codec.from_identity(ckpt["codec"], args.codec_weights)
 
 
+def encode_prompt(args, codec: Codec, tokenizer: CodecTokenizer, max_frames: int) -> torch.Tensor:
+    """The first --prompt-seconds of --prompt as code tokens (1, levels * frames), without BOS or conditions."""
+    frames = round(args.prompt_seconds * FRAME_RATE)
+    if not 0 < frames < max_frames:
+        raise DataError(f"--prompt-seconds {args.prompt_seconds}: must leave room to continue; this model makes "
+                        f"at most {max_frames / FRAME_RATE:.3f} s")
+    try:
+        audio = torch.from_numpy(read_audio(args.prompt, frames * HOP))[None]
+    except DataError as e:
+        raise DataError(f"--prompt {args.prompt}: {e}") from None
+    return tokenizer.encode(codec.encode(audio).cpu())[:, tokenizer.prefix:]
+
+
 def sample(args) -> list[Path]:
     device = pick_device(args.device)
     model, tokenizer, codec = load_model(args)
@@ -93,43 +154,72 @@ def sample(args) -> list[Path]:
     if args.compile:
         model.compile_decode(mode="reduce-overhead" if device == "cuda" else None)
 
-    max_frames = model.cfg.max_seq_len // tokenizer.levels
+    conditioned = args.pitch is not None or args.velocity is not None or args.source is not None
+    if conditioned and not tokenizer.conditions:
+        raise DataError(f"{args.xt_checkpoint or args.ckpt} was trained without conditions (--unconditional or the "
+                        "reference's model): --pitch, --velocity and --source need a model trained with them")
+    if args.report and args.pitch is None:
+        raise DataError("--report measures whether notes have the asked pitch: give --pitch")
+    max_frames = (model.cfg.max_seq_len + 1 - tokenizer.prefix) // tokenizer.levels
     frames = max_frames if args.seconds is None else round(args.seconds * FRAME_RATE)
     if not 0 < frames <= max_frames:
         raise DataError(f"--seconds {args.seconds}: this model makes at most {max_frames / FRAME_RATE:.3f} s "
                         f"({max_frames} frames)")
-    new_tokens = frames * tokenizer.levels
-    allowed = tokenizer.allowed(1 + new_tokens, device)
-    generator = torch.Generator(device).manual_seed(args.seed)
+    prompt_codes = encode_prompt(args, codec, tokenizer, frames) if args.prompt else None
+    source = None if args.source is None else NSYNTH_SOURCES.index(args.source)
 
+    # one job per note: (file name, pitch or None)
+    per_pitch = args.num_samples or (1 if args.pitch else 4)
+    stem = f"continue_{Path(args.prompt).stem}" if args.prompt else "sample"
+    jobs = []
+    for midi in args.pitch or [None]:
+        for i in range(per_pitch):
+            name = stem if midi is None else f"{stem}_pitch{midi}"
+            jobs.append((f"{name}_{i}.wav" if per_pitch > 1 or midi is None else f"{name}.wav", midi))
+
+    length = tokenizer.prefix + frames * tokenizer.levels
+    allowed = tokenizer.allowed(length, device)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    guided = conditioned and args.cfg != 1.0
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written, gen_time, total_start = [], 0.0, time.time()
-    with tqdm(total=args.num_samples, desc="sampling", unit="note", disable=None) as bar:
-        for start in range(0, args.num_samples, args.batch_size):
-            n = min(args.batch_size, args.num_samples - start)
-            prompt = torch.full((n, 1), tokenizer.bos, dtype=torch.long, device=device)
+    written, gen_time, new_total, total_start = [], 0.0, 0, time.time()
+    with tqdm(total=len(jobs), desc="sampling", unit="note", disable=None) as bar:
+        for start in range(0, len(jobs), args.batch_size):
+            batch = jobs[start:start + args.batch_size]
+            n = len(batch)
+            pitch = None if args.pitch is None else torch.tensor([midi for _, midi in batch])
+            prompt = tokenizer.start(n, pitch, args.velocity, source, device)
+            if prompt_codes is not None:
+                prompt = torch.cat([prompt, prompt_codes.to(device).expand(n, -1)], dim=1)
             if device == "cuda":
                 torch.cuda.synchronize()
             t = time.time()
-            tokens = model.generate(prompt, new_tokens, temperature=args.temperature, top_k=args.top_k,
+            tokens = model.generate(prompt, length - prompt.shape[1], temperature=args.temperature, top_k=args.top_k,
                                     top_p=args.top_p, use_kv_cache=not args.no_kv_cache, generator=generator,
-                                    allowed=allowed)
+                                    allowed=allowed, cfg_scale=args.cfg,
+                                    uncond_prompt=tokenizer.unconditional(prompt) if guided else None)
             if device == "cuda":
                 torch.cuda.synchronize()
             gen_time += time.time() - t
+            new_total += n * (length - prompt.shape[1])
             audio = codec.decode(tokenizer.decode(tokens)).clamp(-1, 1).cpu().numpy()
-            for i, wav in enumerate(audio):
-                path = out_dir / f"sample_{start + i}.wav"
+            for (name, midi), wav in zip(batch, audio):
+                path = out_dir / name
                 sf.write(path, wav.astype(np.float32), SAMPLE_RATE, subtype="PCM_16")
-                written.append(path)
+                written.append((path, midi))
             bar.update(n)
     total = time.time() - total_start
-    seconds_audio = args.num_samples * frames / FRAME_RATE
-    print(f"wrote {len(written)} notes of {frames / FRAME_RATE:.3f} s to {out_dir}/; "
-          f"{args.num_samples * new_tokens / gen_time:.0f} tokens/s, real-time factor {seconds_audio / total:.2f} "
+    seconds_audio = len(jobs) * frames / FRAME_RATE
+    what = f" (the first {args.prompt_seconds} s from {args.prompt})" if args.prompt else ""
+    print(f"wrote {len(written)} notes of {frames / FRAME_RATE:.3f} s{what} to {out_dir}/; "
+          f"{new_total / gen_time:.0f} tokens/s" + (" (x2 with guidance)" if guided else "")
+          + f", real-time factor {seconds_audio / total:.2f} "
           f"({seconds_audio:.1f} s of audio in {total:.1f} s, codec decoding included)")
-    return written
+    if args.report:
+        from pitch import pitch_report
+        pitch_report(written)
+    return [path for path, _ in written]
 
 
 def main(argv=None) -> None:

@@ -29,7 +29,7 @@ from model import GPT, CheckpointError, GPTConfig, load_checkpoint
 
 # Flags that define the data and the model: on --resume they come from the checkpoint.
 RUN_FLAGS = ("data", "data_dir", "synthetic_notes", "codec", "bandwidth", "seconds",
-             "dim", "depth", "heads", "dim_head", "dropout")
+             "dim", "depth", "heads", "dim_head", "dropout", "unconditional", "cond_dropout")
 
 
 def positive(kind):
@@ -48,6 +48,13 @@ def non_negative(kind):
             raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
         return value
     return parse
+
+
+def probability_or_zero(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,6 +83,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--heads", type=positive(int), default=4, help="attention heads (default: 4)")
     m.add_argument("--dim-head", type=positive(int), default=64, help="width of each head (default: 64)")
     m.add_argument("--dropout", type=non_negative(float), default=0.1, help="dropout (default: 0.1)")
+    m.add_argument("--unconditional", action="store_true",
+                   help="no condition tokens, like the reference recipe (default: pitch, velocity and instrument "
+                        "source tokens after BOS, from NSynth-style names or examples.json, unknown where unlabelled)")
+    m.add_argument("--cond-dropout", type=probability_or_zero, default=0.1,
+                   help="probability that each condition is replaced by 'unknown' in a training sequence, so the "
+                        "model also learns unconditional generation (for sample.py --cfg) (default: 0.1)")
     t = p.add_argument_group("training")
     t.add_argument("--out-dir", default="out", help="checkpoints and log (default: out)")
     t.add_argument("--max-iters", type=positive(int), default=20000, help="optimizer steps (default: 20000)")
@@ -135,22 +148,25 @@ def lr_at(it: int, args) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: GPT, tokens: torch.Tensor, levels: int, batch_size: int, device: str, autocast) -> dict:
-    """Cross-entropy (nats/token), cross-entropy of each codec level, and next-token accuracy on all of tokens."""
+def evaluate(model: GPT, tokens: torch.Tensor, tokenizer: CodecTokenizer, batch_size: int, device: str,
+             autocast) -> dict:
+    """Cross-entropy (nats/token), cross-entropy of each codec level, and next-token accuracy over the codes of
+    tokens (the BOS and condition tokens are given, never predicted)."""
     model.eval()
+    levels, first = tokenizer.levels, tokenizer.prefix - 1   # logits at `first` predict the first code
     loss_sum = torch.zeros(levels, device=device)
     correct = torch.zeros((), device=device)
     for batch in tokens.split(batch_size):
         batch = batch.to(device)
         with autocast:
-            logits = model(batch[:, :-1])
-        targets = batch[:, 1:]
-        loss = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (B, T)
-        # target t is the token at position t + 1, which holds level t % levels
+            logits = model(batch[:, :-1])[:, first:]
+        targets = batch[:, first + 1:]
+        loss = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (B, codes)
+        # code t of the stream holds level t % levels
         loss_sum += loss.sum(0).view(-1, levels).sum(0)
         correct += (logits.argmax(-1) == targets).sum()
     model.train()
-    n = tokens.shape[0] * (tokens.shape[1] - 1)
+    n = targets.shape[1] * tokens.shape[0]
     per_level = (loss_sum / (n / levels)).tolist()
     return {"val_loss": sum(per_level) / levels, "val_loss_per_level": per_level, "val_accuracy": correct.item() / n}
 
@@ -175,7 +191,7 @@ def prepare_data(args, device: str, codec_ident: dict | None = None):
     else:
         codec = load_codec_for_training(args.codec, args.bandwidth, args.codec_weights, files["train"], frames,
                                         cache_dir, args.seed, device)
-    tokenizer = CodecTokenizer(codec.levels)
+    tokenizer = CodecTokenizer(codec.levels, conditions=not args.unconditional)
     splits = {}
     for name in ("train", "valid"):
         encoded = encode_files(files[name], codec, frames, cache_path(cache_dir, name, files[name], codec, frames),
@@ -199,7 +215,8 @@ def train(args) -> dict:
         if missing:
             raise CheckpointError(f"{ckpt_path}: cannot resume from it, it has no {', '.join(missing)}")
         for name in RUN_FLAGS:  # the run is defined by the checkpoint, not by this call's flags
-            setattr(args, name, resumed["args"][name])
+            if name in resumed["args"]:
+                setattr(args, name, resumed["args"][name])
     device = pick_device(args.device)
     if args.dtype != "auto":
         dtype = args.dtype
@@ -257,7 +274,7 @@ def train(args) -> dict:
     it = start_iter
     while True:
         if (it % args.eval_interval == 0 and not (resumed and it == start_iter)) or it == args.max_iters:
-            metrics = evaluate(model, val_set.tokens, tokenizer.levels, args.eval_batch_size, device, autocast)
+            metrics = evaluate(model, val_set.tokens, tokenizer, args.eval_batch_size, device, autocast)
             metrics = {"iter": it, "train_loss": (train_loss_sum / max(1, train_loss_count)).item()
                        if train_loss_count else None, **metrics, "lr": lr_at(it, args),
                        "elapsed_s": round(time.time() - t0, 2)}
@@ -284,10 +301,14 @@ def train(args) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(it, args)
         idx = torch.randint(len(train_set), (args.batch_size,), generator=batches)
-        batch = train_set.tokens[idx].to(device, non_blocking=True)
+        batch = tokenizer.drop_conditions(train_set.tokens[idx], args.cond_dropout, batches)
+        batch = batch.to(device, non_blocking=True)
         with autocast:
             logits = forward(batch[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        # the condition tokens are inputs, not predictions: only the codes are targets
+        targets = batch[:, 1:].clone()
+        targets[:, :tokenizer.prefix - 1] = -100   # cross_entropy's ignore_index
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         loss.backward()
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)

@@ -1,4 +1,6 @@
 """Shared fixtures: a small synthetic note folder and an untrained codec fitted to it (built once per session)."""
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,3 +31,30 @@ def fitted_codec(synthetic_folder) -> data.Codec:
     codec = data.Codec.untrained(1.5, seed=0)
     codec.fit(audio, iters=5)
     return codec
+
+
+# ----------------------------------------------------------------------------------------------------
+# train.py / sample.py as a user runs them: offline, synthetic notes, untrained codec, a tiny model
+
+TINY = ["--data", "synthetic", "--codec", "untrained", "--synthetic-notes", "48", "--seconds", "0.4",
+        "--dim", "64", "--depth", "2", "--heads", "2", "--dim-head", "32", "--batch-size", "16",
+        "--lr", "3e-3", "--warmup-iters", "5", "--lr-decay-iters", "60", "--eval-interval", "20", "--device", "cpu"]
+
+
+def run(script: str, *args: str, cwd) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
+                            timeout=300)
+    return result
+
+
+def read_log(out_dir) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """One 40-step training run (conditional, the default) shared by the tests: (work folder, out folder, completed process)."""
+    work = tmp_path_factory.mktemp("e2e")
+    result = run("train.py", *TINY, "--max-iters", "40", "--out-dir", "out", cwd=work)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return work, work / "out", result

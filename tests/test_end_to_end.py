@@ -8,32 +8,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, TINY, read_log, run
 from model import GPT, load_checkpoint, model_from_checkpoint
-
-TINY = ["--data", "synthetic", "--codec", "untrained", "--synthetic-notes", "48", "--seconds", "0.4",
-        "--dim", "64", "--depth", "2", "--heads", "2", "--dim-head", "32", "--batch-size", "16",
-        "--lr", "3e-3", "--warmup-iters", "5", "--lr-decay-iters", "60", "--eval-interval", "20", "--device", "cpu"]
-
-
-def run(script: str, *args: str, cwd) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
-                            timeout=300)
-    return result
-
-
-def read_log(out_dir) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One 40-step training run shared by the tests below: (work folder, out folder, completed process)."""
-    work = tmp_path_factory.mktemp("e2e")
-    result = run("train.py", *TINY, "--max-iters", "40", "--out-dir", "out", cwd=work)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return work, work / "out", result
-
 
 def test_training_lowers_the_loss_and_logs(trained):
     """The loss falls well below chance (ln 2049 = 7.6) and every evaluation is logged with per-level losses."""
@@ -53,8 +29,11 @@ def test_checkpoints_load_with_weights_only(trained):
     for name in ("ckpt.pt", "best.pt"):
         ckpt = torch.load(out / name, weights_only=True)
         model = model_from_checkpoint(ckpt)
-        assert isinstance(model, GPT) and model.cfg.vocab_size == 2 * 1024 + 1 and model.cfg.max_seq_len == 60
+        # 2 levels x 1024 codes, BOS, pitch 128 + unknown, velocity 128 + unknown, source 3 + unknown
+        assert isinstance(model, GPT) and model.cfg.vocab_size == 2 * 1024 + 1 + 129 + 129 + 4
+        assert model.cfg.max_seq_len == 3 + 60   # the condition tokens, then BOS + 59 tokens fed back
         assert ckpt["codec"]["kind"] == "untrained" and ckpt["tokenizer"]["layout"] == "levels"
+        assert ckpt["tokenizer"]["conditions"] is True
     ckpt = load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["iter_num"] == 40 and "optimizer" in ckpt
     assert not list(out.glob("*.tmp"))
