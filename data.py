@@ -81,7 +81,10 @@ def read_audio(path: str | Path, num_samples: int) -> np.ndarray:
             audio = f.read(needed, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as e:
         # error_string is libsndfile's reason without the "Error opening 'path':" that the summary already shows
-        raise DataError(f"cannot read audio ({getattr(e, 'error_string', None) or e})") from None
+        reason = getattr(e, "error_string", None) or str(e)
+        if "does not exist" in reason:  # what libsndfile says of an MP3 it cannot parse; the file was opened above
+            reason = "damaged, or not the format its name says"
+        raise DataError(f"cannot read audio ({reason})") from None
     if audio.size == 0:
         raise DataError("no samples")
     if not np.isfinite(audio).all():
