@@ -39,7 +39,7 @@ RUN_FLAGS = ("data", "data_dir", "synthetic_notes", "codec", "bandwidth", "secon
 def positive(kind):
     def parse(text: str):
         value = kind(text)
-        if not (value > 0 and math.isfinite(value)):  # also refuses nan and inf
+        if not value > 0 or value == math.inf:  # nan > 0 is False, so nan is refused too
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value
     return parse
@@ -48,7 +48,7 @@ def positive(kind):
 def non_negative(kind):
     def parse(text: str):
         value = kind(text)
-        if not (value >= 0 and math.isfinite(value)):
+        if not value >= 0 or value == math.inf:
             raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
         return value
     return parse
