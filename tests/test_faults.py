@@ -47,8 +47,11 @@ def test_sigkill_at_random_moments_then_resume_exactly(tmp_path, fast_data_dir, 
         steps = rng.randint(1, 6)
         with open(tmp_path / "stdout", "w") as stdout:
             proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *flags, *(["--resume"] if at_kill else [])],
-                                    cwd=tmp_path, stdout=stdout, stderr=subprocess.STDOUT)
-            while last_logged_iter(out / "log.jsonl") < start + steps and proc.poll() is None:
+                                    cwd=tmp_path, stdout=stdout, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            # "training notes" is printed once the log has been cut back to the checkpoint, just before training
+            while (("training notes" not in (tmp_path / "stdout").read_text()
+                    or last_logged_iter(out / "log.jsonl") < start + steps) and proc.poll() is None):
                 assert time.monotonic() < deadline, "training made no progress"
                 time.sleep(0.005)
             time.sleep(rng.uniform(0, 0.06))  # about one step, evaluation and two checkpoint writes
