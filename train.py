@@ -268,6 +268,7 @@ def restore(resumed: dict, path: Path, cfg: GPTConfig, model: GPT, optimizer, ba
             if device_type == "cuda" and "cuda" in states[rank]:
                 torch.cuda.set_rng_state(states[rank]["cuda"])
         batches.set_state(resumed["rng"]["batches"])
+        json.dumps(resumed["metrics"])  # it goes back into the log
         return int(resumed["iter_num"]), float(resumed["best_val_loss"])
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -301,8 +302,9 @@ def train(args) -> GPT:
         resumed = load_checkpoint(str(ckpt_path))
         missing = [k for k in ("args", "config", "model", "optimizer", "codec", "iter_num", "best_val_loss",
                                "metrics", "rng") if k not in resumed]
-        if not missing and isinstance(resumed["args"], dict):
-            missing = [f"args.{name}" for name in RUN_FLAGS if name not in resumed["args"]]
+        if "args" not in missing:
+            saved = resumed["args"] if isinstance(resumed["args"], dict) else {}
+            missing += [f"args.{name}" for name in RUN_FLAGS if name not in saved]
         if missing:
             raise CheckpointError(f"{ckpt_path}: cannot resume from it, it has no {', '.join(missing)}")
         for name in RUN_FLAGS:  # the run is defined by the checkpoint, not by this call's flags
