@@ -131,8 +131,9 @@ def setup_distributed(device: str) -> tuple[int, int, str]:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if device == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise DataError(f"torchrun started more processes on this node than it has CUDA devices "
-                            f"({torch.cuda.device_count()}): use --nproc_per_node={torch.cuda.device_count()} or less")
+            gpus = torch.cuda.device_count()
+            raise DataError(f"torchrun started more processes on this node than it has CUDA devices ({gpus}): "
+                            f"use --nproc_per_node={gpus} or less")
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     # NCCL moves the gradients from GPU to GPU; gloo does it between CPU processes
@@ -181,7 +182,8 @@ def save_atomically(obj: dict, path: Path) -> None:
 
 
 def codec_from_checkpoint(ckpt: dict, path, weights: str | None = None) -> Codec:
-    """The codec a checkpoint was trained with; an entry that cannot rebuild one is a CheckpointError naming the file."""
+    """The codec a checkpoint was trained with; an entry that cannot rebuild one is a CheckpointError naming the
+    file."""
     try:
         return Codec.from_identity(ckpt["codec"], weights)
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
@@ -203,8 +205,8 @@ def prepare_data(args, device: str, codec: Codec | None = None, verbose: bool = 
     tokenizer = CodecTokenizer(codec.levels)
     encoded = {}
     for name in ("train", "valid"):
-        encoded[name] = encode_files(files[name], codec, frames, cache_path(cache_dir, name, files[name], codec, frames),
-                                     desc=f"encoding {name}")
+        cache = cache_path(cache_dir, name, files[name], codec, frames)
+        encoded[name] = encode_files(files[name], codec, frames, cache, desc=f"encoding {name}")
         if verbose:
             report_skipped(name, encoded[name])
     train_notes, valid_notes = encoded["train"], encoded["valid"]

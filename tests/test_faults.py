@@ -46,8 +46,9 @@ def test_sigkill_at_random_moments_then_resume_exactly(tmp_path, fast_data_dir, 
         start = torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] if at_kill else 0
         steps = rng.randint(1, 6)
         with open(tmp_path / "stdout", "w") as stdout:
-            proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *flags, *(["--resume"] if at_kill else [])],
-                                    cwd=tmp_path, stdout=stdout, stderr=subprocess.STDOUT,
+            resume = ["--resume"] if at_kill else []
+            proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *flags, *resume], cwd=tmp_path,
+                                    stdout=stdout, stderr=subprocess.STDOUT,
                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
             # "training notes" is printed once the log has been cut back to the checkpoint, just before training
             while (("training notes" not in (tmp_path / "stdout").read_text()
@@ -85,7 +86,8 @@ def test_encoding_killed_half_way_leaves_only_a_cache_to_trust(tmp_path, synthet
     cache = tmp_path / "cache" / "train.npz"
     script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import torch, data; "
               f"torch.set_num_threads({torch.get_num_threads()}); "  # the same arithmetic as this process
-              f"codec = data.Codec.untrained(1.5, 0, torch.load({str(tmp_path / 'codebooks.pt')!r}, weights_only=True)); "
+              f"books = torch.load({str(tmp_path / 'codebooks.pt')!r}, weights_only=True); "
+              "codec = data.Codec.untrained(1.5, 0, books); "
               f"data.encode_files(data.find_audio({str(synthetic_folder)!r}), codec, 40, data.Path({str(cache)!r}), "
               f"batch_size=1, save_every=0)")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -138,8 +140,8 @@ def damaged(tmp_path_factory, reference_run):
     return root
 
 
-EXPECTED = {"empty": "empty file", "truncated": "truncated", "pickled": "refused: it holds a pickled object (posix.system)",
-            "not-a-dict": "not a checkpoint"}
+EXPECTED = {"empty": "empty file", "truncated": "truncated", "not-a-dict": "not a checkpoint",
+            "pickled": "refused: it holds a pickled object (posix.system)"}
 
 
 @pytest.mark.parametrize("case", sorted(EXPECTED))
@@ -176,8 +178,9 @@ def test_pickled_checkpoint_as_the_user_sees_it(damaged):
     path = damaged / "pickled" / "ckpt.pt"
     result = run_script("sample.py", "--ckpt", str(path), "--device", "cpu", cwd=damaged)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [f"error: {path}: refused: it holds a pickled object (posix.system), "
-                                                 "and a checkpoint may hold only tensors and plain values"]
+    assert result.stderr.strip().splitlines() == [
+        f"error: {path}: refused: it holds a pickled object (posix.system), and a checkpoint may hold only tensors "
+        "and plain values"]
     assert not (damaged / "marker").exists()
 
 

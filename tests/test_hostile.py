@@ -53,7 +53,8 @@ def write_thirty_minutes(path) -> None:
     n = THIRTY_MINUTES * 2
     fmt = struct.pack("<4sIHHIIHH", b"fmt ", 16, 1, 1, 48_000, 96_000, 2, 16)
     with open(path, "wb") as f:
-        f.write(struct.pack("<4sI4s", b"RIFF", 4 + len(fmt) + 8 + n, b"WAVE") + fmt + struct.pack("<4sI", b"data", n))
+        f.write(struct.pack("<4sI4s", b"RIFF", 4 + len(fmt) + 8 + n, b"WAVE") + fmt)
+        f.write(struct.pack("<4sI", b"data", n))
         f.write((tone(1.0, 48_000) * 32767).astype("<i2").tobytes())
         f.truncate(f.tell() - 48_000 * 2 + n)
 
@@ -132,7 +133,8 @@ def test_thirty_minute_file_reads_only_what_is_needed(hostile):
 
 
 def test_train_on_the_messy_folder(hostile, tmp_path):
-    """train.py runs on the folder, exits 0, prints every skipped file with its reason, and trains on all good ones."""
+    """train.py runs on the folder, exits 0, prints every skipped file with its reason, and trains on all the good
+    ones."""
     result = run_script("train.py", "--data", str(hostile), "--codec", "untrained", "--data-dir", str(tmp_path),
                         "--seconds", "0.2", "--dim", "32", "--depth", "1", "--heads", "1", "--dim-head", "16",
                         "--batch-size", "4", "--max-iters", "2", "--eval-interval", "2", "--device", "cpu",
