@@ -29,7 +29,6 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import soundfile as sf
 import torch
 import torch.nn.functional as F

@@ -70,12 +70,21 @@ def read_audio(path: str | Path, num_samples: int) -> np.ndarray:
     """
     from encodec.utils import convert_audio  # imported here: encodec pulls in torchaudio
     try:
+        with open(path, "rb"):  # libsndfile says only "System error" when it cannot open a file; Python says why
+            pass
+    except OSError as e:
+        raise DataError(f"cannot open ({e.strerror})") from None
+    try:
         with sf.SoundFile(str(path)) as f:
             sr = f.samplerate
             needed = int(np.ceil(num_samples * sr / SAMPLE_RATE)) + 64  # a little extra for the resampler
             audio = f.read(needed, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as e:
-        raise DataError(f"cannot read audio ({e})") from None
+        # error_string is libsndfile's reason without the "Error opening 'path':" that the summary already shows
+        reason = getattr(e, "error_string", None) or str(e)
+        if "does not exist" in reason:  # what libsndfile says of an MP3 it cannot parse; the file was opened above
+            reason = "damaged, or not the format its name says"
+        raise DataError(f"cannot read audio ({reason})") from None
     if audio.size == 0:
         raise DataError("no samples")
     if not np.isfinite(audio).all():
@@ -772,8 +781,15 @@ def load_codec_for_training(kind: str, bandwidth: float, weights: str | None, fi
         raise DataError(f"--codec must be 'pretrained' or 'untrained', got {kind!r}")
     if weights is not None:
         raise DataError("--codec-weights only applies to --codec pretrained")
-    fit_files = fit_files[:64]
-    key = json.dumps([[str(k) for k in _file_key(f)] for f in fit_files] + [bandwidth, seed, num_frames])
+    def stat_or_error(f: Path) -> list[str]:
+        try:
+            return [str(k) for k in _file_key(f)]
+        except OSError as e:  # a broken link or a vanished file
+            return [str(f), str(e.strerror)]
+
+    # Keyed by the first 64 files. The fit below looks further when some of them are unreadable; a change among
+    # those later files then keeps the old codec, which is harmless: token caches are keyed by the codebooks.
+    key = json.dumps([stat_or_error(f) for f in fit_files[:64]] + [bandwidth, seed, num_frames])
     path = Path(cache_dir) / f"codec-untrained-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
     if path.exists():
         try:
@@ -781,14 +797,17 @@ def load_codec_for_training(kind: str, bandwidth: float, weights: str | None, fi
             return Codec.untrained(bandwidth, seed, saved["codebooks"]).to(device)
         except Exception as e:
             print(f"ignoring unreadable {path} ({e}); fitting the codec again", file=sys.stderr)
-    audio = []
+    audio, first_problem = [], None
     for f in fit_files:
+        if len(audio) == 64:
+            break
         try:
             audio.append(read_audio(f, num_frames * HOP))
-        except DataError:
-            pass  # counted and reported when the split is encoded
+        except DataError as e:  # counted and reported when the split is encoded
+            first_problem = first_problem or f"{f}: {e}"
     if not audio:
-        raise DataError("no readable audio to fit the untrained codec on")
+        raise DataError(f"no readable audio among the {len(fit_files)} training files to fit the untrained codec on "
+                        f"(the first: {first_problem})")
     codec = Codec.untrained(bandwidth, seed).to(device)
     print(f"fitting the untrained codec's {codec.levels} codebooks on {len(audio)} notes")
     codec.fit(torch.from_numpy(np.stack(audio)))

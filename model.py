@@ -19,6 +19,9 @@ position (decode), instead of re-running the whole prefix for every token as the
 from __future__ import annotations
 
 import math
+import os
+import re
+import zipfile
 from dataclasses import dataclass
 
 import torch
@@ -425,11 +428,30 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint") from None
     except Exception as e:  # truncated, not a torch file, or holding objects that weights_only refuses
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a loadable checkpoint ({reason})") from None
+        raise CheckpointError(f"{path}: {_why_unloadable(path, e)}") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: not a checkpoint (a {type(ckpt).__name__}, expected a dict)")
     return ckpt
+
+
+def _why_unloadable(path: str, e: Exception) -> str:
+    """torch.load's errors in a few words (its own messages are long, and one suggests weights_only=False)."""
+    refused = re.search(r"GLOBAL (\S+)", str(e))
+    if refused:
+        return (f"refused: it holds a pickled object ({refused[1]}), and a checkpoint may hold only tensors and "
+                "plain values")
+    if isinstance(e, (IsADirectoryError, PermissionError)):
+        return f"cannot read it ({e.strerror})"
+    try:
+        size, is_zip = os.path.getsize(path), zipfile.is_zipfile(path)
+    except OSError as again:  # a symlink loop, a file that vanished meanwhile
+        return f"cannot read it ({again.strerror})"
+    if size == 0:
+        return "empty file (0 bytes)"
+    if not is_zip:  # torch.save writes a zip archive, whose index is at the end
+        return f"truncated or not a PyTorch checkpoint ({size} bytes, no complete zip archive)"
+    first_line = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().split("\n")[0]
+    return f"not a loadable checkpoint ({first_line or type(e).__name__})"
 
 
 def model_from_checkpoint(ckpt: dict, path: str = "checkpoint") -> GPT:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from data import FRAME_RATE, HOP, MIDI_VALUES, NSYNTH_SOURCES, SAMPLE_RATE, Codec, CodecTokenizer, DataError, read_audio
 from model import GPT, CheckpointError, load_checkpoint, model_from_checkpoint
-from train import non_negative, pick_device, positive
+from train import codec_from_checkpoint, non_negative, pick_device, positive
 
 
 def probability(text: str) -> float:
@@ -129,7 +129,17 @@ def load_model(args) -> tuple[GPT, CodecTokenizer, Codec]:
         raise CheckpointError(f"{args.ckpt}: not a codecgpt checkpoint (no codec or tokenizer); "
                               "for the reference notebook's weights use --xt-checkpoint")
     model = model_from_checkpoint(ckpt, args.ckpt)
-    return model, CodecTokenizer(**ckpt["tokenizer"]), Codec.from_identity(ckpt["codec"], args.codec_weights)
+    try:
+        tokenizer = CodecTokenizer(**ckpt["tokenizer"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{args.ckpt}: its tokenizer entry is unusable ({e})") from None
+    if tokenizer.vocab_size != model.cfg.vocab_size:
+        raise CheckpointError(f"{args.ckpt}: its tokenizer ({tokenizer.vocab_size} tokens) does not fit its model "
+                              f"({model.cfg.vocab_size} tokens)")
+    codec = codec_from_checkpoint(ckpt, args.ckpt, args.codec_weights)
+    if codec.levels != tokenizer.levels:
+        raise CheckpointError(f"{args.ckpt}: its codec has {codec.levels} levels, its tokenizer {tokenizer.levels}")
+    return model, tokenizer, codec
 
 
 def encode_prompt(args, codec: Codec, tokenizer: CodecTokenizer, max_frames: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Shared fixtures: a small synthetic note folder and an untrained codec fitted to it (built once per session)."""
+"""Shared fixtures: a small synthetic note folder, an untrained codec fitted to it, and one fast training run (each
+built once per session)."""
 import json
 import subprocess
 import sys
@@ -58,3 +59,40 @@ def trained(tmp_path_factory):
     result = run("train.py", *TINY, "--max-iters", "40", "--out-dir", "out", cwd=work)
     assert result.returncode == 0, result.stderr[-2000:]
     return work, work / "out", result
+
+
+# ----------------------------------------------------------------------------------------------------
+# A fast training run, shared by the distributed and fault tests: 12 synthetic notes of 0.2 s (31 tokens), a
+# 0.14M-parameter model, no dropout and float32 (so that runs on 1 and 2 processes can agree to 1e-4: bf16
+# autocast, the default on CPUs with bf16, rounds partial sums differently), and an evaluation and a checkpoint
+# after every step (so that a kill can land anywhere in the cycle).
+
+FAST = ["--data", "synthetic", "--codec", "untrained", "--synthetic-notes", "12", "--seconds", "0.2",
+        "--dim", "32", "--depth", "1", "--heads", "1", "--dim-head", "16", "--dropout", "0", "--batch-size", "8",
+        "--lr", "3e-3", "--warmup-iters", "2", "--lr-decay-iters", "60", "--eval-interval", "1", "--device", "cpu",
+        "--dtype", "float32"]
+FAST_ITERS = 60  # a run stopped earlier and resumed has the same learning rates: the decay ends at 60 either way
+
+
+def run_script(script: str, *args: str, cwd, timeout: float = 300, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def without_times(log: list[dict]) -> list[dict]:
+    return [{k: v for k, v in entry.items() if k != "elapsed_s"} for entry in log]
+
+
+@pytest.fixture(scope="session")
+def fast_data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fast-data")
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, fast_data_dir) -> Path:
+    """FAST_ITERS steps in one uninterrupted process; returns its out folder."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    result = run_script("train.py", *FAST, "--data-dir", str(fast_data_dir), "--max-iters", str(FAST_ITERS),
+                        "--out-dir", str(out), cwd=out.parent)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out

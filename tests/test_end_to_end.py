@@ -1,14 +1,9 @@
 """train.py and sample.py run as a user runs them: offline, synthetic notes, untrained codec, a tiny model."""
-import json
-import subprocess
-import sys
-
 import numpy as np
-import pytest
 import soundfile as sf
 import torch
 
-from conftest import ROOT, TINY, read_log, run
+from conftest import TINY, read_log, run
 from model import GPT, load_checkpoint, model_from_checkpoint
 
 def test_training_lowers_the_loss_and_logs(trained):
