@@ -133,7 +133,7 @@ def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dro
     if mask is not None:
         bias = bias.masked_fill(~mask, float("-inf"))
     scores = torch.baddbmm(bias, q.reshape(B * H, Tq, D), k.reshape(B * H, Tk, D).transpose(1, 2), alpha=D ** -0.5)
-    weights = scores.float().softmax(dim=-1).to(q.dtype)  # softmax in float32, like x-transformers
+    weights = scores.softmax(dim=-1)  # on bf16 scores the kernel sums in float32, as x-transformers' .float() does
     weights = dropout(weights, dropout_p)
     return (weights @ v.reshape(B * H, Tk, D)).view(B, H, Tq, D)
 
