@@ -17,6 +17,7 @@ torch.cuda.max_memory_allocated (GPU).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -39,7 +40,7 @@ REAL_GUITAR = Path(__file__).resolve().parent.parent / "shared" / "data" / "real
 REFERENCE = dict(num_tokens=1024, max_seq_len=250, dim=256, depth=6, heads=4)
 SAMPLE_TOKENS = 250          # the reference's length: 125 frames x 2 levels = 1.667 s of audio
 SECONDS_PER_TOKEN = 1 / (data.FRAME_RATE * 2)
-H100_BF16_FLOPS = 989e12     # dense bf16 peak of an H100 SXM, for MFU
+H100_BF16_FLOPS = 989e12     # dense bf16 peak of an H100 SXM: MFU is reported against it whatever the GPU
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -47,8 +48,8 @@ H100_BF16_FLOPS = 989e12     # dense bf16 peak of an H100 SXM, for MFU
 
 class PeakMemory:
     """Peak memory while the code inside `with` runs: the CUDA allocator's peak above what was allocated before,
-    or on CPU the peak resident set of the whole process (Linux VmHWM, reset at the start by /proc/self/clear_refs;
-    it includes torch itself, about 0.4 GB, and memory earlier rows left cached)."""
+    or on CPU the peak resident set of the whole process (Linux VmHWM, reset at the start by /proc/self/clear_refs
+    after malloc_trim; it includes torch itself and the models of the section, about 0.4 GB)."""
 
     def __init__(self, device: str):
         self.device, self.peak_mb = device, float("nan")
@@ -60,8 +61,9 @@ class PeakMemory:
             self.base = torch.cuda.memory_allocated()
         else:
             try:
+                ctypes.CDLL("libc.so.6").malloc_trim(0)   # give memory that earlier rows freed back to the OS
                 with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")   # reset the high-water mark
+                    f.write("5")                          # reset the high-water mark to what is in use now
             except OSError:
                 pass
         return self
@@ -300,7 +302,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", default="sample,train,encode",
                    help="comma-separated parts to run, from: sample, train, encode")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per row (the median is reported)")
-    p.add_argument("--batches", default="1,16,64", help="sampling batch sizes")
+    p.add_argument("--batches", default=None, help="sampling batch sizes (default: 1,16,64; on CUDA 1,16,64,256)")
     p.add_argument("--naive-max-batch", type=int, default=16,
                    help="largest batch for the naive loop (it takes minutes at batch 64 on a CPU)")
     p.add_argument("--train-batches", default="16,125", help="training batch sizes (125 is the reference's)")
@@ -318,6 +320,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not parts <= {"sample", "train", "encode"}:
         p.error(f"--only: unknown parts {sorted(parts - {'sample', 'train', 'encode'})}")
     args.parts = parts
+    if args.batches is None:
+        args.batches = "1,16,64,256" if args.device == "cuda" else "1,16,64"
     try:
         args.batches = [int(b) for b in args.batches.split(",")]
         args.train_batches = [int(b) for b in args.train_batches.split(",")]
