@@ -108,7 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "on CPU too) (default: auto)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the one-token decode step; on CUDA it becomes a CUDA graph (one launch per "
-                        "token). Costs about a minute of compiling first: worth it for many or long batches")
+                        "token). Compiling takes 20-40 s first on a 2-core CPU: worth it for many or long batches")
     p.add_argument("--no-kv-cache", action="store_true",
                    help="re-run the whole sequence for every token, like the reference (slow; for comparison)")
     return p.parse_args(argv)

@@ -180,8 +180,11 @@ def test_refuses_non_standard_rotary_base():
 
 @pytest.mark.parametrize("attention", ATTENTION)
 @pytest.mark.parametrize("prompt_len", [7, 1])
-def test_cached_decoding_matches_uncached(attention, prompt_len):
-    """prefill + decode_one_token at every following position gives the full uncached forward's logits."""
+@pytest.mark.parametrize("pos_as", ["int", "tensor"])
+def test_cached_decoding_matches_uncached(attention, prompt_len, pos_as):
+    """prefill + decode_one_token at every following position gives the full uncached forward's logits. With the
+    position as a tensor (whole cache, masked: the static shapes torch.compile and CUDA graphs need) as with an int
+    (cache sliced to the filled prefix)."""
     torch.manual_seed(2)
     model = small_gpt(attention)
     B, L = 2, model.cfg.max_seq_len
@@ -192,13 +195,13 @@ def test_cached_decoding_matches_uncached(attention, prompt_len):
         last = model.prefill(idx[:, :prompt_len], caches)
         torch.testing.assert_close(last, full[:, prompt_len - 1], atol=1e-5, rtol=0)
         for pos in range(prompt_len, L):
-            step = model.decode_one_token(idx[:, pos], pos, caches)
+            step = model.decode_one_token(idx[:, pos], pos if pos_as == "int" else torch.tensor([pos]), caches)
             torch.testing.assert_close(step, full[:, pos], atol=1e-5, rtol=0, msg=f"position {pos}")
 
 
 @pytest.mark.parametrize("attention", ATTENTION)
 def test_chunked_cached_forward_matches_uncached(attention):
-    """Several queries at start_pos > 0 against the cache (mask aligned bottom-right, the x-transformers
+    """Several queries at pos > 0 against the cache (mask aligned bottom-right, the x-transformers
     issue 187 case) equal the uncached forward."""
     torch.manual_seed(3)
     model = small_gpt(attention)
@@ -210,23 +213,6 @@ def test_chunked_cached_forward_matches_uncached(attention):
         for start, end in [(0, 5), (5, 12), (12, 13), (13, 30), (30, L)]:
             got = model(idx[:, start:end], start, caches)
             torch.testing.assert_close(got, full[:, start:end], atol=1e-5, rtol=0, msg=f"chunk {start}:{end}")
-
-
-@pytest.mark.parametrize("attention", ATTENTION)
-def test_static_shape_decoding_matches_int_positions(attention):
-    """decode_one_token with the position as a tensor (whole cache, masked: the form torch.compile and CUDA graphs
-    use) gives the same logits as with an int position (cache sliced to the filled prefix), at every position."""
-    torch.manual_seed(20)
-    model = small_gpt(attention)
-    B, L = 2, model.cfg.max_seq_len
-    idx = torch.randint(0, model.cfg.vocab_size, (B, L))
-    with torch.no_grad():
-        full = model(idx)
-        caches = model.new_caches(B, L)
-        model.prefill(idx[:, :3], caches)
-        for pos in range(3, L):
-            step = model.decode_one_token(idx[:, pos], torch.tensor([pos]), caches)
-            torch.testing.assert_close(step, full[:, pos], atol=1e-5, rtol=0, msg=f"position {pos}")
 
 
 def test_compiled_decode_generates_like_eager():
@@ -460,7 +446,7 @@ def test_generate_rejects_too_many_positions():
 
 
 def test_forward_rejects_too_long():
-    """forward raises ValueError for more than max_seq_len positions, also counting start_pos."""
+    """forward raises ValueError for more than max_seq_len positions, also counting pos."""
     torch.manual_seed(16)
     model = small_gpt()
     L = model.cfg.max_seq_len
