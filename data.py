@@ -341,7 +341,7 @@ def encode_files(files: list[Path], codec: Codec, num_frames: int, cache: Path |
                              manifest=np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8))
 
     if batch_size is None:
-        batch_size = 64 if getattr(codec, "device", torch.device("cpu")).type == "cuda" else 4
+        batch_size = 64 if codec.device.type == "cuda" else 4
     if todo:
         last_save = time.monotonic()
         with tqdm(total=len(todo), desc=desc, unit="file", disable=None) as bar:
@@ -418,8 +418,8 @@ class CodecTokenizer:
         self.prefix = 4 if conditions else 1
         if layout == "shared":
             self.vocab_size = codebook_size
-        else:
-            self.vocab_size = levels * codebook_size + 1 + (int(self.unknown[-1]) - self.bos if conditions else 0)
+        else:  # codes, BOS, then the condition ids up to the last "unknown"
+            self.vocab_size = int(self.unknown[-1]) + 1 if conditions else self.bos + 1
 
     def state(self) -> dict:
         return {"levels": self.levels, "codebook_size": self.codebook_size, "layout": self.layout,

@@ -116,7 +116,7 @@ class CountingCodec:
     """Wraps a codec and counts the notes it encodes."""
 
     def __init__(self, codec):
-        self.codec, self.encoded, self.levels = codec, 0, codec.levels
+        self.codec, self.encoded, self.levels, self.device = codec, 0, codec.levels, codec.device
 
     def encode(self, audio):
         self.encoded += len(audio)
