@@ -107,17 +107,17 @@ def dropout(x: Tensor, p: float) -> Tensor:
     """F.dropout(x, p) in training, with a cheaper random mask on CPU.
 
     On CPU, F.dropout draws one random number per element (bernoulli_), and at the reference size that was a
-    fifth of a training step. Here one 64-bit draw serves four elements: each 16-bit quarter keeps its 15 low
-    random bits, and an element is dropped when they are below p * 2^15 (p is rounded to a multiple of 2^-15).
+    fifth of a training step. Here one 64-bit draw serves four elements: each 16-bit quarter is a uniform int16,
+    and an element is dropped when it falls in the lowest p * 2^16 values (p is rounded to a multiple of 2^-16).
     Kept elements are scaled by 1 / (1 - p), as in F.dropout. On CUDA F.dropout is already cheap.
     """
     if p == 0:
         return x
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or p >= 1:
         return F.dropout(x, p)
     n = x.numel()
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_().view(torch.int16)[:n].view(x.shape)
-    keep = (bits & 0x7FFF) >= round(p * 2**15)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, 2**63 - 1).view(torch.int16)
+    keep = bits[:n].view(x.shape) >= round(p * 2**16) - 2**15
     return x * keep.to(x.dtype).mul_(1 / (1 - p))
 
 

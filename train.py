@@ -86,7 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--depth", type=positive(int), default=6, help="number of blocks (default: 6)")
     m.add_argument("--heads", type=positive(int), default=4, help="attention heads (default: 4)")
     m.add_argument("--dim-head", type=positive(int), default=64, help="width of each head (default: 64)")
-    m.add_argument("--dropout", type=non_negative(float), default=0.1, help="dropout (default: 0.1)")
+    m.add_argument("--dropout", type=probability_or_zero, default=0.1,
+                   help="dropout probability on embeddings, attention weights and the MLP (default: 0.1)")
     m.add_argument("--unconditional", action="store_true",
                    help="no condition tokens, like the reference recipe (default: pitch, velocity and instrument "
                         "source tokens after BOS, from NSynth-style names or examples.json, unknown where unlabelled)")

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import GPT, GPTConfig, sample_next  # noqa: E402
+from model import GPT, GPTConfig, dropout, sample_next  # noqa: E402
 
 x_transformers = pytest.importorskip("x_transformers")
 from x_transformers import AutoregressiveWrapper, Decoder, TransformerWrapper  # noqa: E402
@@ -482,3 +482,21 @@ def test_gptconfig_rejects_bad_rotary_dim():
         GPTConfig(dim_head=32, rotary_dim=7)
     with pytest.raises(ValueError):
         GPTConfig(dim_head=32, rotary_dim=34)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_cpu_dropout_matches_f_dropout_statistics(p):
+    """Our CPU dropout (16 random bits per element) keeps each element with probability 1 - p, independently,
+    scales kept ones by 1 / (1 - p) like F.dropout, and passes gradients through the same mask."""
+    torch.manual_seed(22)
+    x = torch.rand(1_000_000) + 0.5          # no zeros, so zeros in the output are dropped elements
+    x.requires_grad_(True)
+    y = dropout(x, p)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.003
+    torch.testing.assert_close(y[kept], x[kept].detach() / (1 - p))
+    pairs = kept.view(-1, 2).float()          # neighbours share a 64-bit draw: still independent
+    assert abs((pairs[:, 0] * pairs[:, 1]).mean().item() - (1 - p) ** 2) < 0.003
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / (1 - p))
+    assert torch.equal(dropout(x, 0.0), x) and (dropout(x, 1.0) == 0).all()
