@@ -270,12 +270,20 @@ class GPT(nn.Module):
 
     def new_caches(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> list[KVCache]:
         p = self.head.weight
-        caches = [KVCache(batch_size, self.cfg.heads, max_len, self.cfg.dim_head, dtype or p.dtype, p.device)
+        dtype = dtype or p.dtype
+        # (inference-mode tensors, as generate makes, cannot be written outside inference mode)
+        key = (batch_size, max_len, dtype, torch.is_inference_mode_enabled())
+        if self.compiled_decode is not None and self._static_caches[0] == key:
+            return self._static_caches[1]   # a CUDA graph replays on the same memory: reuse the last caches
+        caches = [KVCache(batch_size, self.cfg.heads, max_len, self.cfg.dim_head, dtype, p.device)
                   for _ in range(self.cfg.depth)]
-        if self.compiled_decode is not None:  # CUDA graphs may only write into tensors that never move
+        if self.compiled_decode is not None:
+            # Tensors that never move, so the graph can write into them. Reusing them for the next generate of
+            # the same shape is safe: every slot is written before a query at or after its position reads it.
             for cache in caches:
                 torch._dynamo.mark_static_address(cache.k)
                 torch._dynamo.mark_static_address(cache.v)
+            self._static_caches = (key, caches)
         return caches
 
     def prefill(self, prompt: Tensor, caches: list[KVCache]) -> Tensor:
@@ -288,6 +296,7 @@ class GPT(nn.Module):
         return self(token[:, None], pos, caches)[:, -1]
 
     compiled_decode = None
+    _static_caches: tuple = (None, None)   # (shape key, caches) kept for compiled decoding
 
     def compile_decode(self, mode: str | None = None) -> None:
         """Use torch.compile for decode_one_token in generate. Positions are passed as a tensor and attention
