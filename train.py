@@ -4,9 +4,12 @@ Train codecgpt: encode a folder of notes into EnCodec tokens, then teach the Tra
     python train.py                                        # NSynth guitar, pretrained EnCodec (downloads once)
     python train.py --data synthetic --codec untrained     # offline: generated notes, untrained codec
     python train.py --resume                               # continue from out/ckpt.pt
+    python train.py --unconditional                        # no pitch/velocity/source tokens, like the reference
     torchrun --standalone --nproc_per_node=4 train.py      # 4 GPUs on one machine (DistributedDataParallel)
 
-Writes out/ckpt.pt (latest), out/best.pt (lowest validation loss) and out/log.jsonl (one line per evaluation).
+By default every note starts with BOS and its pitch, velocity and source tokens (see data.CodecTokenizer), so that
+sample.py can ask for a note. Writes out/ckpt.pt (latest), out/best.pt (lowest validation loss) and out/log.jsonl
+(one line per evaluation).
 """
 from __future__ import annotations
 

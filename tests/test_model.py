@@ -178,6 +178,17 @@ def test_refuses_non_standard_rotary_base():
 # ----------------------------------------------------------------------------------------------------
 # 3. cached decoding equals uncached
 
+def full_logits_and_caches(attention: str, seed: int):
+    """A small model, random tokens filling max_seq_len, their uncached logits, and empty caches for them."""
+    torch.manual_seed(seed)
+    model = small_gpt(attention)
+    B, L = 2, model.cfg.max_seq_len
+    idx = torch.randint(0, model.cfg.vocab_size, (B, L))
+    with torch.no_grad():
+        full = model(idx)
+    return model, idx, full, model.new_caches(B, L)
+
+
 @pytest.mark.parametrize("attention", ATTENTION)
 @pytest.mark.parametrize("prompt_len", [7, 1])
 @pytest.mark.parametrize("pos_as", ["int", "tensor"])
@@ -185,13 +196,9 @@ def test_cached_decoding_matches_uncached(attention, prompt_len, pos_as):
     """prefill + decode_one_token at every following position gives the full uncached forward's logits. With the
     position as a tensor (whole cache, masked: the static shapes torch.compile and CUDA graphs need) as with an int
     (cache sliced to the filled prefix)."""
-    torch.manual_seed(2)
-    model = small_gpt(attention)
-    B, L = 2, model.cfg.max_seq_len
-    idx = torch.randint(0, model.cfg.vocab_size, (B, L))
+    model, idx, full, caches = full_logits_and_caches(attention, seed=2)
+    L = idx.shape[1]
     with torch.no_grad():
-        full = model(idx)
-        caches = model.new_caches(B, L)
         last = model.prefill(idx[:, :prompt_len], caches)
         torch.testing.assert_close(last, full[:, prompt_len - 1], atol=1e-5, rtol=0)
         for pos in range(prompt_len, L):
@@ -203,13 +210,9 @@ def test_cached_decoding_matches_uncached(attention, prompt_len, pos_as):
 def test_chunked_cached_forward_matches_uncached(attention):
     """Several queries at pos > 0 against the cache (mask aligned bottom-right, the x-transformers
     issue 187 case) equal the uncached forward."""
-    torch.manual_seed(3)
-    model = small_gpt(attention)
-    B, L = 2, model.cfg.max_seq_len
-    idx = torch.randint(0, model.cfg.vocab_size, (B, L))
+    model, idx, full, caches = full_logits_and_caches(attention, seed=3)
+    L = idx.shape[1]
     with torch.no_grad():
-        full = model(idx)
-        caches = model.new_caches(B, L)
         for start, end in [(0, 5), (5, 12), (12, 13), (13, 30), (30, L)]:
             got = model(idx[:, start:end], start, caches)
             torch.testing.assert_close(got, full[:, start:end], atol=1e-5, rtol=0, msg=f"chunk {start}:{end}")
