@@ -115,9 +115,11 @@ class Handler(BaseHTTPRequestHandler):
         if server.cut_after is not None:
             payload = payload[:server.cut_after]
             self.close_connection = True
+        # recorded before writing: the client may have read every byte (and the test checked) before a line after
+        # write() runs in this server thread
+        server.sent.append(len(payload))
         self.wfile.write(payload)
         self.wfile.flush()
-        server.sent.append(len(payload))
         if server.cut_after is not None:
             self.connection.shutdown(socket.SHUT_WR)  # end of stream, well before Content-Length bytes
 
