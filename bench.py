@@ -34,7 +34,9 @@ import torch
 import torch.nn.functional as F
 
 import data
+import prepare
 from model import GPT, GPTConfig
+from sample import CompiledDecoder
 
 REAL_GUITAR = Path(__file__).resolve().parent.parent / "shared" / "data" / "real-guitar"
 REFERENCE = dict(num_tokens=1024, max_seq_len=250, dim=256, depth=6, heads=4)
@@ -145,8 +147,7 @@ def bench_sampling(args) -> None:
     ours.set_attention("fused")
     compiled = None
     if args.device == "cuda" or args.compile:
-        compiled = GPT.from_x_transformers(net.state_dict(), heads=REFERENCE["heads"]).to(args.device).eval()
-        compiled.compile_decode(mode="reduce-overhead" if args.device == "cuda" else None)
+        compiled = CompiledDecoder(ours, mode="reduce-overhead" if args.device == "cuda" else None)
     for batch in args.batches:
         section = f"sample b{batch}"
         print(f" batch {batch}:")
@@ -171,7 +172,7 @@ def bench_sampling(args) -> None:
             print(f"  {'reference naive loop (no cache)':<44} skipped (--naive-max-batch {args.naive_max_batch})")
         row("codecgpt generate (KV cache)", lambda: ours.generate(prompt, SAMPLE_TOKENS))
         if compiled is not None:
-            row("codecgpt generate (compiled decode)", lambda: compiled.generate(prompt, SAMPLE_TOKENS))
+            row("codecgpt generate (compiled decode)", lambda: ours.generate(prompt, SAMPLE_TOKENS, decoder=compiled))
         naive = next((r for r in ROWS if r["section"] == section and r["name"].startswith("reference naive")), None)
         for r in ROWS:
             if naive and r["section"] == section and r["name"].startswith("codecgpt"):
@@ -231,9 +232,9 @@ def bench_training(args) -> None:
                 row("x-transformers float32" + (" attn_flash" if flash else ""), xt.to(device).train(),
                     baseline=None if not flash else "x-transformers float32")
                 del xt
-            variants = [("explicit", "float32"), ("fused", "float32")]
+            variants = [("explicit", "float32"), ("fast", "float32"), ("fused", "float32")]
             if bf16_ok:
-                variants += [("explicit", "bfloat16"), ("fused", "bfloat16")]
+                variants += [("explicit", "bfloat16"), ("fast", "bfloat16"), ("fused", "bfloat16")]
             for attention, dtype in variants:
                 torch.manual_seed(0)
                 model = GPT(GPTConfig(vocab_size=REFERENCE["num_tokens"], max_seq_len=seq, dim=dim, depth=depth,
@@ -268,7 +269,7 @@ def bench_encoding(args) -> None:
         codec, kind = data.Codec.untrained(1.5, seed=0), "untrained (same network, so the same speed)"
     codec.to(args.device)
     with tempfile.TemporaryDirectory() as tmp:
-        folders = [("synthetic 4 s notes", data.make_synthetic(Path(tmp) / "notes", num_notes=args.notes, seed=0))]
+        folders = [("synthetic 4 s notes", prepare.make_synthetic(Path(tmp) / "notes", num_notes=args.notes, seed=0))]
         if REAL_GUITAR.is_dir():
             folders.append(("real guitar notes", REAL_GUITAR))
         else:

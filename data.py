@@ -1,31 +1,29 @@
 """
-From audio files to token sequences, and back.
+From audio files to the token sequences the model trains on.
 
-    audio files --read_audio--> 24 kHz mono --Codec.encode--> codes (levels, frames) --CodecTokenizer--> tokens
+    audio files --read_audio--> 24 kHz mono --Codec.encode--> codes (levels, frames) --tokenizer--> tokens
                                                    (cached on disk by encode_files)
 
 - Audio: any .wav/.flac/.mp3/.ogg under a folder, read with soundfile, mixed to mono, resampled to 24 kHz and
-  cut or zero-padded to a fixed length. Files that cannot be read are skipped and counted, never fatal.
+  cut or zero-padded to a fixed length. Files that cannot be read are skipped with their reason, never fatal.
 - Codec: the pretrained EnCodec 24 kHz model (downloaded once), or an untrained one whose codebooks are fitted
   by k-means on the data, for offline runs and tests.
 - Token cache: encoding is the slow part, so codes are stored once per folder and codec in one .npz file
   (uint16 codes + a JSON manifest of file sizes and mtimes); changed or new files are encoded again.
-- Tokenizer: interleaves the codec's levels into one stream, frame by frame (see CodecTokenizer).
-- Datasets: the reference's NSynth guitar MP3 set (downloaded once), any folder, or synthetic plucked strings.
+- Datasets: the train and validation files of a folder, and their token sequences with NSynth labels.
+
+Getting notes onto disk in the first place (the NSynth download, synthetic plucked strings) is prepare.py's job;
+laying codes out as tokens is tokenizer.py's.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
-import shutil
-import subprocess
 import sys
 import time
 import urllib.error
-import urllib.request
 import warnings
 import zipfile
 import zlib
@@ -37,10 +35,12 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
+from checkpoint import atomic_write
+from tokenizer import CODEBOOK_SIZE, NSYNTH_SOURCES, CodecTokenizer
+
 SAMPLE_RATE = 24_000     # EnCodec 24 kHz
 FRAME_RATE = 75          # codec frames per second (hop of 320 samples)
 HOP = SAMPLE_RATE // FRAME_RATE
-CODEBOOK_SIZE = 1024     # codes per level
 BANDWIDTH_LEVELS = {1.5: 2, 3.0: 4, 6.0: 8}   # kbps -> number of codebooks (levels)
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg")
 DEFAULT_FRAMES = 125     # like the reference: 125 frames = 1.667 s = 250 tokens at 2 levels
@@ -260,17 +260,6 @@ class EncodedFiles:
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, reason) for files that were unusable
 
 
-def _save_npz_atomically(path: Path, **arrays) -> None:
-    """Write to a temporary file in the same folder, then rename: a reader sees the old file or the new one,
-    never half of one (also when the process is killed)."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def cache_path(cache_dir: str | Path, name: str, files: list[Path], codec: Codec, num_frames: int) -> Path:
     """One cache file per (split name, folder, codec, length): changing any of them uses another file."""
     ident = {k: v for k, v in codec.identity().items() if k != "codebooks"}
@@ -290,7 +279,7 @@ def encode_files(files: list[Path], codec: Codec, num_frames: int, cache: Path |
     """Encode the first num_frames frames of each file, reusing and updating the cache file.
 
     batch_size None: 64 notes per batch on a GPU; 4 on a CPU, where bigger batches are slower per note (the
-    encoder's activations outgrow the CPU caches: 0.125 s per note at 4, 0.21 s at 32, measured on 2 cores).
+    encoder's activations outgrow the CPU caches; bench.py measures encoding).
 
     A file is encoded again when its size or mtime changed. Progress is saved every `save_every` seconds,
     so an interrupted run keeps what it did and the next run encodes only what is missing.
@@ -337,8 +326,8 @@ def encode_files(files: list[Path], codec: Codec, num_frames: int, cache: Path |
                     "codec": {k: v for k, v in codec.identity().items() if k != "codebooks"}, "entries": entries}
         codes = np.stack(arrays) if arrays else np.zeros((0, codec.levels, num_frames), np.uint16)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        _save_npz_atomically(cache, codes=codes.astype(np.uint16),
-                             manifest=np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8))
+        manifest_bytes = np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8)
+        atomic_write(cache, lambda f: np.savez(f, codes=codes.astype(np.uint16), manifest=manifest_bytes))
 
     if batch_size is None:
         batch_size = 64 if codec.device.type == "cuda" else 4
@@ -377,131 +366,6 @@ def encode_files(files: list[Path], codec: Codec, num_frames: int, cache: Path |
     return EncodedFiles(codes, used, skipped)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Tokenizer
-
-NSYNTH_SOURCES = ("acoustic", "electronic", "synthetic")
-MIDI_VALUES = 128   # pitch and velocity are MIDI numbers 0..127
-
-
-class CodecTokenizer:
-    """Codes (B, levels, frames) <-> one token stream (B, prefix + levels * frames), frame-major like the reference.
-
-        codes, 2 levels x 3 frames              tokens (conditions=True)
-          level 0:  a0  a1  a2          ->   BOS  pitch  velocity  source  a0  b0  a1  b1  a2  b2
-          level 1:  b0  b1  b2                    |----- condition -----|-frame 0-|-frame 1-|-frame 2-|
-
-    layout "levels" (ours): every level has its own ids, token = level * 1024 + code, and BOS = levels * 1024
-    is no code at all. The level of position p >= prefix is (p - prefix) % levels, so sampling can be
-    restricted to that level's ids (allowed()).
-    conditions=True (levels layout only) puts three condition tokens after BOS: the note's MIDI pitch, its MIDI
-    velocity and its instrument source (NSYNTH_SOURCES), each with its own ids and its own "unknown" id, used for
-    unlabelled notes, for condition dropout in training and for the unconditional pass of classifier-free guidance.
-    layout "shared" (the reference recipe): token = code for every level and BOS = 0, which is also code 0;
-    vocab_size = 1024. Kept so that the reference notebook's checkpoints can be sampled.
-    """
-
-    def __init__(self, levels: int, codebook_size: int = CODEBOOK_SIZE, layout: str = "levels",
-                 conditions: bool = False):
-        if layout not in ("levels", "shared"):
-            raise ValueError(f"layout must be 'levels' or 'shared', got {layout!r}")
-        if conditions and layout != "levels":
-            raise ValueError("condition tokens need the 'levels' layout")
-        self.levels, self.codebook_size, self.layout, self.conditions = levels, codebook_size, layout, conditions
-        self.bos = levels * codebook_size if layout == "levels" else 0
-        # condition ids follow BOS: pitch 0..127 + unknown, velocity 0..127 + unknown, source 0..2 + unknown
-        self.pitch0 = self.bos + 1
-        self.velocity0 = self.pitch0 + MIDI_VALUES + 1
-        self.source0 = self.velocity0 + MIDI_VALUES + 1
-        self.unknown = torch.tensor([self.pitch0 + MIDI_VALUES, self.velocity0 + MIDI_VALUES,
-                                     self.source0 + len(NSYNTH_SOURCES)])
-        self.prefix = 4 if conditions else 1
-        if layout == "shared":
-            self.vocab_size = codebook_size
-        else:  # codes, BOS, then the condition ids up to the last "unknown"
-            self.vocab_size = int(self.unknown[-1]) + 1 if conditions else self.bos + 1
-
-    def state(self) -> dict:
-        return {"levels": self.levels, "codebook_size": self.codebook_size, "layout": self.layout,
-                "conditions": self.conditions}
-
-    def _offsets(self, device) -> torch.Tensor:
-        """What is added to each level's codes: (levels, 1)."""
-        step = self.codebook_size if self.layout == "levels" else 0
-        return (torch.arange(self.levels, device=device) * step)[:, None]
-
-    def condition_tokens(self, pitch, velocity, source, batch: int = 1, device=None) -> torch.Tensor:
-        """(B, 3) condition tokens. Each of pitch, velocity (MIDI 0..127), source (index into NSYNTH_SOURCES) is an
-        int, a (B,) tensor, or None / -1 for unknown. Raises ValueError for a value out of range."""
-        columns = []
-        for name, value, first, count in (("pitch", pitch, self.pitch0, MIDI_VALUES),
-                                          ("velocity", velocity, self.velocity0, MIDI_VALUES),
-                                          ("source", source, self.source0, len(NSYNTH_SOURCES))):
-            value = torch.full((batch,), -1) if value is None else torch.as_tensor(value).long().expand(batch)
-            if ((value < -1) | (value >= count)).any():
-                raise ValueError(f"{name} must be in 0..{count - 1} (or unknown), got {value.tolist()}")
-            columns.append(torch.where(value < 0, first + count, first + value))
-        return torch.stack(columns, dim=1).to(device)
-
-    def encode(self, codes: torch.Tensor, pitch=None, velocity=None, source=None) -> torch.Tensor:
-        """codes (B, levels, frames) -> tokens (B, prefix + levels * frames): BOS, the condition tokens when the
-        tokenizer has them (unknown where a label is None or -1), then the codes."""
-        B, L, _ = codes.shape
-        assert L == self.levels, f"expected {self.levels} levels, got {L}"
-        flat = (codes.long() + self._offsets(codes.device)).transpose(1, 2).reshape(B, -1)  # t0q0 t0q1 t1q0 ...
-        return torch.cat([self.start(B, pitch, velocity, source, codes.device), flat], dim=1)
-
-    def start(self, batch: int, pitch=None, velocity=None, source=None, device=None) -> torch.Tensor:
-        """The prompt that every sequence starts with: (B, prefix) = BOS [+ condition tokens]."""
-        bos = torch.full((batch, 1), self.bos, dtype=torch.long, device=device)
-        if not self.conditions:
-            return bos
-        return torch.cat([bos, self.condition_tokens(pitch, velocity, source, batch, device)], dim=1)
-
-    def drop_conditions(self, tokens: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A copy of tokens in which each condition token is independently replaced by its "unknown" id with
-        probability p (condition dropout: one model learns conditional and unconditional generation)."""
-        if not self.conditions or p == 0:
-            return tokens
-        drop = torch.rand(tokens.shape[0], 3, generator=generator) < p
-        tokens = tokens.clone()
-        tokens[:, 1:4] = torch.where(drop.to(tokens.device), self.unknown.to(tokens.device), tokens[:, 1:4])
-        return tokens
-
-    def unconditional(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens with every condition replaced by "unknown": the input of classifier-free guidance's second pass."""
-        if not self.conditions:
-            return tokens
-        tokens = tokens.clone()
-        tokens[:, 1:4] = self.unknown.to(tokens.device)
-        return tokens
-
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, prefix + n) -> codes (B, levels, n // levels); an unfinished last frame is
-        dropped. Raises ValueError when a token is not a code of its position's level."""
-        body = tokens[:, self.prefix:]
-        frames = body.shape[1] // self.levels
-        codes = body[:, :frames * self.levels].reshape(len(tokens), frames, self.levels).transpose(1, 2)
-        codes = codes - self._offsets(tokens.device)
-        if ((codes < 0) | (codes >= self.codebook_size)).any():
-            raise ValueError("tokens are not codes of their positions' levels")
-        return codes
-
-    def level_of(self, pos: torch.Tensor | int):
-        """The codec level that position pos >= prefix holds (positions before are BOS and conditions)."""
-        return (pos - self.prefix) % self.levels
-
-    def allowed(self, seq_len: int, device=None) -> torch.Tensor:
-        """(seq_len, vocab_size) bool: at position p >= prefix only codes of level_of(p) (the prefix's rows allow
-        nothing). With the shared layout every code is allowed everywhere, as in the reference."""
-        mask = torch.zeros(seq_len, self.vocab_size, dtype=torch.bool, device=device)
-        if self.layout == "shared":
-            mask[self.prefix:] = True
-            return mask
-        for level in range(self.levels):
-            mask[self.prefix + level::self.levels, level * self.codebook_size:(level + 1) * self.codebook_size] = True
-        return mask
-
 
 # ----------------------------------------------------------------------------------------------------
 # NSynth labels
@@ -535,172 +399,6 @@ def load_examples_json(folder: Path) -> dict | None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Downloads
-
-NSYNTH_URL = ("https://media.githubusercontent.com/media/SonyCSLParis/test-lfs/refs/heads/master/"
-              "NSYNTH_GUITAR_MP3.zip")
-NSYNTH_SIZE = 334_999_208
-NSYNTH_SHA256 = "cbabb3ba2ce81c28982eb41c3ba5127a0d81a3cd72d55d427a95f0558e43dfb3"
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 60.0) -> Path:
-    """Download url to dest with a progress bar. A partial download (dest + '.part') is resumed with an
-    HTTP Range request; the finished file is checked against sha256 before it takes its final name."""
-    dest = Path(dest)
-    if dest.exists():
-        return dest
-    part = dest.with_name(dest.name + ".part")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    try:
-        response = urllib.request.urlopen(request, timeout=timeout)
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and have:  # nothing left to fetch: the partial file may be complete
-            response = None
-        else:
-            raise DataError(f"download of {url} failed: HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise DataError(f"download of {url} failed: {getattr(e, 'reason', e)}") from None
-    if response is not None:
-        with response:
-            resumed = response.status == 206
-            if have and not resumed:  # the server ignored Range: start over
-                have = 0
-            length = response.headers.get("Content-Length")
-            total = have + int(length) if length is not None else None
-            with open(part, "ab" if resumed else "wb") as f, \
-                    tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=dest.name, disable=None) as bar:
-                try:
-                    for chunk in iter(lambda: response.read(1 << 16), b""):
-                        f.write(chunk)
-                        bar.update(len(chunk))
-                except (OSError, urllib.error.URLError) as e:
-                    raise DataError(f"download of {url} was cut off ({e}); run again to resume") from None
-                # a dropped connection often just ends the stream early instead of raising
-                if total is not None and f.tell() < total:
-                    raise DataError(f"download of {url} was cut off at {f.tell()} of {total} bytes; "
-                                    "run again to resume")
-    if sha256 is not None:
-        actual = sha256_of(part)
-        if actual != sha256:
-            part.unlink()
-            raise DataError(f"download of {url} is corrupt (sha256 {actual[:12]}..., expected {sha256[:12]}...); "
-                            "the partial file was removed, run again to download it anew")
-    os.replace(part, dest)
-    return dest
-
-
-def extract_zip(archive: Path, into: Path) -> None:
-    """Extract archive into `into`, via a temporary folder so a half-extracted set is never taken for a whole one.
-    The NSynth guitar zip needs `zip -F` (as in the reference notebook) when Python cannot read it as it is."""
-    tmp = into.with_name(into.name + ".extracting")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        with zipfile.ZipFile(archive) as z:
-            z.extractall(tmp)
-    except zipfile.BadZipFile:
-        fixed = archive.with_name(archive.stem + "-fixed.zip")
-        if shutil.which("zip") is None:
-            raise DataError(f"{archive} is not a readable zip, and `zip` (to repair it with zip -F) is not "
-                            "installed; install zip and run again") from None
-        try:
-            subprocess.run(["zip", "-F", str(archive), "--out", str(fixed)], check=True, capture_output=True)
-            with zipfile.ZipFile(fixed) as z:
-                z.extractall(tmp)
-        except (subprocess.CalledProcessError, zipfile.BadZipFile):
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise DataError(f"{archive} is damaged and `zip -F` could not repair it; delete it to download it "
-                            "again") from None
-        finally:
-            fixed.unlink(missing_ok=True)
-    # an archive whose entries all sit in one top folder: use that folder's contents
-    entries = [p for p in tmp.iterdir() if p.name != "__MACOSX"]
-    top = entries[0] if len(entries) == 1 and entries[0].is_dir() else tmp
-    shutil.rmtree(into, ignore_errors=True)
-    os.replace(top, into)
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
-def prepare_nsynth(data_dir: str | Path = "data", url: str = NSYNTH_URL, sha256: str | None = NSYNTH_SHA256) -> Path:
-    """The reference's NSynth guitar set, downloaded once into data_dir and extracted; returns its folder,
-    which holds nsynth-guitar-train, nsynth-guitar-valid and nsynth-guitar-test."""
-    data_dir = Path(data_dir)
-    folder = data_dir / "NSYNTH_GUITAR_MP3"
-    if not folder.is_dir():
-        archive = data_dir / "NSYNTH_GUITAR_MP3.zip"
-        try:
-            download(url, archive, sha256)
-        except DataError as e:
-            raise DataError(f"{e}. The NSynth guitar set (335 MB) is downloaded once into {data_dir}/. Without a "
-                            "network, use --data PATH with a folder of your own notes (.wav/.flac/.mp3/.ogg), or "
-                            "--data synthetic for generated plucked-string notes.") from None
-        extract_zip(archive, folder)
-    return folder
-
-
-# ----------------------------------------------------------------------------------------------------
-# Synthetic plucked strings (Karplus-Strong)
-
-def pluck(pitch: int, velocity: int, seconds: float, sample_rate: int, decay: float, brightness: float,
-          rng: np.random.Generator) -> np.ndarray:
-    """A Karplus-Strong plucked string: a burst of noise circulates in a delay line one period long, and
-    averaging neighbouring samples on each pass (a low-pass filter) makes it ring and fade like a string.
-    Computed 4x oversampled, one period per numpy step, so the period can be tuned to a quarter sample."""
-    over = 4
-    fs = sample_rate * over
-    f0 = 440.0 * 2 ** ((pitch - 69) / 12)
-    period = max(2, int(round(fs / f0 - 0.5)))  # the averaging filter adds half a sample of delay
-    n = int(seconds * fs)
-    noise = rng.uniform(-1, 1, period)
-    # softer notes start duller: smooth the initial noise burst more
-    for _ in range(int(round((1 - velocity / 127) * 8 + (1 - brightness) * 8))):
-        noise = 0.5 * (noise + np.roll(noise, 1))
-    out = np.empty(((n + period - 1) // period) * period)
-    line = noise
-    for start in range(0, len(out), period):
-        out[start:start + period] = line
-        line = decay * 0.5 * (line + np.roll(line, 1))   # average with the previous sample
-    out = out[:n].reshape(-1, over).mean(axis=1)          # back to sample_rate (box filter)
-    out *= (velocity / 127) * 0.8 / (np.abs(out).max() + 1e-9)
-    return out.astype(np.float32)
-
-
-def make_synthetic(folder: str | Path, num_notes: int = 300, seed: int = 0, seconds: float = 4.0,
-                   sample_rate: int = 16_000) -> Path:
-    """Write num_notes plucked-string notes as NSynth-like 16 kHz WAVs named guitar_{source}_{inst}-{pitch}-{vel}
-    into folder/train and folder/valid (every 10th note). Deterministic in (num_notes, seed); returns folder."""
-    folder = Path(folder)
-    done = folder / "complete.json"
-    if done.exists():
-        return folder
-    rng = np.random.default_rng(seed)
-    instruments = [(0.990 + 0.009 * rng.random(), 0.3 + 0.7 * rng.random()) for _ in range(12)]  # decay, brightness
-    notes: dict[str, tuple] = {}
-    while len(notes) < num_notes:
-        inst, pitch, velocity = int(rng.integers(12)), int(rng.integers(40, 89)), int(rng.choice([25, 50, 75, 100, 127]))
-        name = f"guitar_{NSYNTH_SOURCES[inst % 3]}_{inst:03d}-{pitch:03d}-{velocity:03d}"
-        notes.setdefault(name, (inst, pitch, velocity))
-    shutil.rmtree(folder, ignore_errors=True)
-    for i, (name, (inst, pitch, velocity)) in enumerate(notes.items()):
-        split = folder / ("valid" if i % 10 == 9 else "train")
-        split.mkdir(parents=True, exist_ok=True)
-        decay, brightness = instruments[inst]
-        audio = pluck(pitch, velocity, seconds, sample_rate, decay, brightness, rng)
-        sf.write(split / f"{name}.wav", audio, sample_rate, subtype="PCM_16")
-    done.write_text(json.dumps({"num_notes": num_notes, "seed": seed}))
-    return folder
-
-
-# ----------------------------------------------------------------------------------------------------
 # Datasets
 
 def split_folder(root: str | Path, valid_fraction: float = 0.05) -> dict[str, list[Path]]:
@@ -725,20 +423,10 @@ def split_folder(root: str | Path, valid_fraction: float = 0.05) -> dict[str, li
             "valid": [f for f, v in zip(files, is_valid) if v] or files}
 
 
-def resolve_data(data: str, data_dir: str | Path = "data", synthetic_notes: int = 300, seed: int = 0
-                 ) -> dict[str, list[Path]]:
-    """--data nsynth-guitar | synthetic | PATH -> {'train': files, 'valid': files}."""
-    if data == "nsynth-guitar":
-        folder = prepare_nsynth(data_dir)
-        return {"train": find_audio(folder / "nsynth-guitar-train"), "valid": find_audio(folder / "nsynth-guitar-valid")}
-    if data == "synthetic":
-        return split_folder(make_synthetic(Path(data_dir) / f"synthetic-{synthetic_notes}-{seed}", synthetic_notes, seed))
-    return split_folder(data)
 
-
-class TokenDataset(torch.utils.data.Dataset):
-    """Token sequences (N, prefix + levels * frames), BOS first, with the NSynth labels of each note
-    (-1 where unknown), which are also in the tokens when the tokenizer has condition tokens."""
+class TokenDataset:
+    """The token sequences of encoded notes (tokens: one row per note, BOS first), with the NSynth labels of each
+    note (-1 where unknown), which are also in the tokens when the tokenizer has condition tokens."""
 
     def __init__(self, encoded: EncodedFiles, tokenizer: CodecTokenizer):
         self.files = encoded.files
@@ -754,9 +442,6 @@ class TokenDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.tokens)
-
-    def __getitem__(self, i):
-        return self.tokens[i]
 
 
 def report_skipped(name: str, encoded: EncodedFiles, show: int = 20) -> None:
@@ -812,9 +497,6 @@ def load_codec_for_training(kind: str, bandwidth: float, weights: str | None, fi
     print(f"fitting the untrained codec's {codec.levels} codebooks on {len(audio)} notes")
     codec.fit(torch.from_numpy(np.stack(audio)))
     path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save({"codebooks": codec.codebooks(), "bandwidth": bandwidth, "seed": seed}, buffer)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)
+    fitted = {"codebooks": codec.codebooks(), "bandwidth": bandwidth, "seed": seed}
+    atomic_write(path, lambda f: torch.save(fitted, f))
     return codec

@@ -1,27 +1,27 @@
 """
 The codecgpt Transformer: a decoder-only language model over codec tokens.
 
-The architecture is exactly the one the reference recipe built with x-transformers
-(TransformerWrapper + Decoder(rotary_pos_emb=True)), so its weights load into ours:
-
     tokens -> embedding -> dropout
            -> depth x [ x = x + Attention(LayerNorm(x)) ; x = x + MLP(LayerNorm(x)) ]
-           -> LayerNorm -> Linear (no bias) -> logits
+           -> LayerNorm -> Linear -> logits (a score for every possible next token)
 
-- LayerNorm has a gain and no bias (x-transformers stores gain - 1 as `gamma`).
-- Attention uses rotary position embeddings on the first `rotary_dim` dims of every head, with
+The architecture is the one the reference recipe built with x-transformers (TransformerWrapper +
+Decoder(rotary_pos_emb=True)), so its weights load into ours (GPT.from_x_transformers) and give the same logits:
+- LayerNorm has a gain and no bias; the MLP is Linear -> exact GELU -> Linear, 4x wide, with biases.
+- Attention is causal (a position sees itself and the positions before it, never a later one) and knows where
+  tokens are only through rotary position embeddings on the first `rotary_dim` dims of every head, with
   *interleaved* pairs (x0, x1), (x2, x3), ... (GPT-J style); there is no absolute position embedding.
-- The MLP is Linear -> exact GELU -> Linear, 4x wide, with biases.
 
-Sampling uses a key/value cache: the prompt is run once (prefill) and then each new token costs one
-position (decode), instead of re-running the whole prefix for every token as the reference does.
+Sampling (generate) runs the prompt once and keeps every layer's keys and values in a KVCache, so each new token
+costs one position instead of the whole sequence again.
+
+Reading order: GPTConfig, rotary, explicit_attention (the textbook formula), Attention, MLP, Block, GPT.forward,
+KVCache, GPT.generate, sample_next. The last section, "Faster paths", holds measured speed-ups of the same maths
+(attention="fast") and can be skipped on a first read.
 """
 from __future__ import annotations
 
 import math
-import os
-import re
-import zipfile
 from dataclasses import dataclass
 
 import torch
@@ -29,11 +29,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+ATTENTION_KINDS = ("explicit", "fast", "fused")
+
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 2049          # 2 levels x 1024 codes + BOS (see data.CodecTokenizer)
-    max_seq_len: int = 250          # positions the model ever sees: BOS + 249 tokens when sampling 250
+    vocab_size: int = 2049          # token ids the model reads and predicts (tokenizer.CodecTokenizer.vocab_size)
+    max_seq_len: int = 250          # positions the model ever sees (train.py: the tokens of a note, minus one)
     dim: int = 256
     depth: int = 6
     heads: int = 4
@@ -69,73 +71,26 @@ def apply_rotary(x: Tensor, rotations: Tensor) -> Tensor:
 
     x: (B, T, n, dim_head) (n = heads, or 2 * heads for q and k together); rotations: (T, dim_head / 2) from
     rotary_tables at the T absolute positions of x. Computed in float32 (like x-transformers), returned in x's dtype.
+    Because q at position i and k at position j are turned by angles i f and j f, their dot product depends only on
+    i - j: attention sees how far apart two tokens are.
     """
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))    # (B, T, n, dim_head / 2) complex
     return torch.view_as_real(pairs * rotations[:, None]).flatten(-2).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Attention with a key/value cache
+# Attention
 
-class KVCache:
-    """Preallocated keys and values of one layer: (batch, heads, max_len, dim_head) each."""
+def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: nn.Module) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v, with the scores of keys a query may not see set to -inf first.
 
-    def __init__(self, batch_size: int, heads: int, max_len: int, dim_head: int,
-                 dtype: torch.dtype, device: torch.device | str):
-        shape = (batch_size, heads, max_len, dim_head)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-
-    def update(self, pos: int | Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, heads, T, dim_head) at positions pos.. and return the keys and values to attend to.
-
-        pos an int: returns the filled prefix [0, pos + T) (eager decoding: no work on empty slots).
-        pos a tensor of T positions: returns the whole buffer, so every call has the same shapes, as
-        torch.compile and CUDA graphs need; the attention mask hides the slots not written yet.
-        """
-        if isinstance(pos, Tensor):
-            self.k.index_copy_(2, pos, k)
-            self.v.index_copy_(2, pos, v)
-            return self.k, self.v
-        end = pos + k.shape[2]
-        self.k[:, :, pos:end] = k
-        self.v[:, :, pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-
-def dropout(x: Tensor, p: float) -> Tensor:
-    """F.dropout(x, p) in training, with a cheaper random mask on CPU.
-
-    On CPU, F.dropout draws one random number per element (bernoulli_), and at the reference size that was a
-    fifth of a training step. Here one 64-bit draw serves four elements: each 16-bit quarter is a uniform int16,
-    and an element is dropped when it falls in the lowest p * 2^16 values (p is rounded to a multiple of 2^-16).
-    Kept elements are scaled by 1 / (1 - p), as in F.dropout. On CUDA F.dropout is already cheap.
+    q: (B, heads, Tq, d); k, v: (B, heads, Tk, d); mask: (Tq, Tk) bool, True = may attend, or None = all keys.
     """
-    if p == 0:
-        return x
-    if x.device.type != "cpu" or p >= 1:
-        return F.dropout(x, p)
-    n = x.numel()
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, 2**63 - 1).view(torch.int16)
-    keep = bits[:n].view(x.shape) >= round(p * 2**16) - 2**15
-    return x * keep.to(x.dtype).mul_(1 / (1 - p))
-
-
-def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float) -> Tensor:
-    """softmax(q k^T / sqrt(d) + mask) v, written out. mask: (Tq, Tk) bool, True = may attend.
-
-    The mask becomes a bias of 0 / -inf that baddbmm adds while it multiplies (bias + scale * q k^T): one pass over
-    the (B * heads, Tq, Tk) scores instead of three (matmul, scale, masked_fill).
-    """
-    B, H, Tq, D = q.shape
-    Tk = k.shape[2]
-    bias = torch.zeros(Tq, Tk, dtype=q.dtype, device=q.device)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])          # (B, heads, Tq, Tk)
     if mask is not None:
-        bias = bias.masked_fill(~mask, float("-inf"))
-    scores = torch.baddbmm(bias, q.reshape(B * H, Tq, D), k.reshape(B * H, Tk, D).transpose(1, 2), alpha=D ** -0.5)
-    weights = scores.softmax(dim=-1)  # on bf16 scores the kernel sums in float32, as x-transformers' .float() does
-    weights = dropout(weights, dropout_p)
-    return (weights @ v.reshape(B * H, Tk, D)).view(B, H, Tq, D)
+        scores = scores.masked_fill(~mask, float("-inf"))               # the causal mask: no peeking ahead
+    weights = dropout(scores.softmax(dim=-1))                           # each query's weights sum to 1
+    return weights @ v                                                  # (B, heads, Tq, d)
 
 
 class Attention(nn.Module):
@@ -145,27 +100,28 @@ class Attention(nn.Module):
         inner = cfg.heads * cfg.dim_head
         self.qkv = nn.Linear(cfg.dim, 3 * inner, bias=False)  # one matmul for q, k and v
         self.out = nn.Linear(inner, cfg.dim, bias=False)
-        self.dropout = cfg.dropout
-        self.fused = False  # False: explicit_attention; True: F.scaled_dot_product_attention (flash on CUDA)
+        self.dropout = Dropout(cfg.dropout)
+        self.kind = "explicit"  # or "fast" (fast_attention) or "fused" (F.scaled_dot_product_attention)
 
     def forward(self, x: Tensor, rotations: Tensor, mask: Tensor | None, causal: bool,
                 pos: int | Tensor = 0, cache: KVCache | None = None) -> Tensor:
-        """mask: (T, keys) bool or None (attend to every key); causal: the mask is the square lower triangle,
-        which the fused path passes as is_causal=True so that SDPA can skip the masked blocks."""
+        """x (B, T, dim) at positions pos.. -> (B, T, dim). mask: (T, keys) bool or None (attend to every key);
+        causal: the mask is the square lower triangle, which SDPA takes as is_causal=True to skip masked blocks."""
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.heads, self.dim_head)
         qk = apply_rotary(qkv[:, :, :2].flatten(2, 3), rotations)      # q and k rotated in one call
         q, k = qk.transpose(1, 2).split(self.heads, dim=1)           # (B, heads, T, dim_head) each
         v = qkv[:, :, 2].transpose(1, 2)
-        if cache is not None:
+        if cache is not None:  # earlier positions' keys and values come from the cache, this call's go into it
             k, v = cache.update(pos, k, v)
-        dropout_p = self.dropout if self.training else 0.0
-        if self.fused:
+        if self.kind == "fused":
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
-                                               dropout_p=dropout_p)
+                                               dropout_p=self.dropout.p if self.training else 0.0)
+        elif self.kind == "fast":
+            y = fast_attention(q, k, v, mask, self.dropout)
         else:
-            y = explicit_attention(q, k, v, mask, dropout_p)
-        return self.out(y.transpose(1, 2).reshape(B, T, -1))
+            y = explicit_attention(q, k, v, mask, self.dropout)
+        return self.out(y.transpose(1, 2).reshape(B, T, -1))          # heads side by side, then mixed
 
 
 class MLP(nn.Module):
@@ -173,11 +129,10 @@ class MLP(nn.Module):
         super().__init__()
         self.up = nn.Linear(cfg.dim, 4 * cfg.dim)
         self.down = nn.Linear(4 * cfg.dim, cfg.dim)
-        self.dropout = cfg.dropout
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = F.gelu(self.up(x))
-        return self.down(dropout(h, self.dropout) if self.training else h)
+        return self.down(self.dropout(F.gelu(self.up(x))))
 
 
 class Block(nn.Module):
@@ -202,14 +157,14 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.dropout = cfg.dropout
+        self.dropout = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, bias=False)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)  # not tied to the embedding
         # Tables and mask are derived from the config, so they stay out of the state dict (persistent=False).
         self.register_buffer("rotations", rotary_tables(cfg.max_seq_len, cfg.dim_head, cfg.rotary_dim),
                              persistent=False)
-        causal = torch.ones(cfg.max_seq_len, cfg.max_seq_len, dtype=torch.bool).tril()
+        causal = torch.ones(cfg.max_seq_len, cfg.max_seq_len, dtype=torch.bool).tril()  # row i: keys 0..i
         self.register_buffer("causal_mask", causal, persistent=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale the residual projections by depth
@@ -227,14 +182,19 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def set_attention(self, kind: str) -> None:
-        """'explicit' (matmul, mask, softmax: the one to read) or 'fused' (scaled_dot_product_attention)."""
-        if kind not in ("explicit", "fused"):
-            raise ValueError(f"attention must be 'explicit' or 'fused', got {kind!r}")
+        """'explicit' (the textbook formula, to read), 'fast' (the same maths in fewer passes and a cheaper
+        dropout mask on CPU: see "Faster paths") or 'fused' (F.scaled_dot_product_attention, flash on CUDA)."""
+        if kind not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_KINDS)}, got {kind!r}")
         for block in self.blocks:
-            block.attn.fused = kind == "fused"
+            block.attn.kind = kind
+        for module in self.modules():
+            if isinstance(module, Dropout):
+                module.cheap_mask = kind == "fast"
 
     def forward(self, idx: Tensor, pos: int | Tensor = 0, caches: list[KVCache] | None = None) -> Tensor:
-        """idx: (B, T) token ids at positions pos, pos + 1, ... -> logits (B, T, vocab_size).
+        """idx: (B, T) token ids at positions pos, pos + 1, ... -> logits (B, T, vocab_size); the logits at
+        position t score every candidate for the token at t + 1.
 
         With caches (one KVCache per block), keys and values of earlier positions come from the cache and this
         call's are written into it. pos is an int, or a 1-element tensor for static shapes (compiled decoding:
@@ -259,8 +219,7 @@ class GPT(nn.Module):
             # A single query may attend to every key so far: no mask at all.
             mask = None if T == 1 else self.causal_mask[pos:pos + T, :pos + T]
             causal = pos == 0 and T > 1
-        x = self.embed(idx)
-        x = dropout(x, self.dropout) if self.training else x
+        x = self.dropout(self.embed(idx))
         for i, block in enumerate(self.blocks):
             x = block(x, rotations, mask, causal, pos, None if caches is None else caches[i])
         return self.head(self.norm(x))
@@ -269,22 +228,10 @@ class GPT(nn.Module):
     # Sampling
 
     def new_caches(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> list[KVCache]:
+        """One empty KVCache per block, for max_len positions."""
         p = self.head.weight
-        dtype = dtype or p.dtype
-        # (inference-mode tensors, as generate makes, cannot be written outside inference mode)
-        key = (batch_size, max_len, dtype, torch.is_inference_mode_enabled())
-        if self.compiled_decode is not None and self._static_caches[0] == key:
-            return self._static_caches[1]   # a CUDA graph replays on the same memory: reuse the last caches
-        caches = [KVCache(batch_size, self.cfg.heads, max_len, self.cfg.dim_head, dtype, p.device)
-                  for _ in range(self.cfg.depth)]
-        if self.compiled_decode is not None:
-            # Tensors that never move, so the graph can write into them. Reusing them for the next generate of
-            # the same shape is safe: every slot is written before a query at or after its position reads it.
-            for cache in caches:
-                torch._dynamo.mark_static_address(cache.k)
-                torch._dynamo.mark_static_address(cache.v)
-            self._static_caches = (key, caches)
-        return caches
+        return [KVCache(batch_size, self.cfg.heads, max_len, self.cfg.dim_head, dtype or p.dtype, p.device)
+                for _ in range(self.cfg.depth)]
 
     def prefill(self, prompt: Tensor, caches: list[KVCache]) -> Tensor:
         """Run the whole prompt once, filling the caches; returns the logits of its last position (B, vocab)."""
@@ -292,23 +239,14 @@ class GPT(nn.Module):
 
     def decode_one_token(self, token: Tensor, pos: int | Tensor, caches: list[KVCache]) -> Tensor:
         """Run one token (B,) at position pos against the cache; returns its logits (B, vocab).
-        pos a 1-element tensor gives the same shapes at every position (for compile_decode)."""
+        pos a 1-element tensor gives the same shapes at every position (sample.CompiledDecoder)."""
         return self(token[:, None], pos, caches)[:, -1]
-
-    compiled_decode = None
-    _static_caches: tuple = (None, None)   # (shape key, caches) kept for compiled decoding
-
-    def compile_decode(self, mode: str | None = None) -> None:
-        """Use torch.compile for decode_one_token in generate. Positions are passed as a tensor and attention
-        covers the whole cache (masked), so one graph serves every position. mode="reduce-overhead" on CUDA
-        also records it as a CUDA graph: one launch per token instead of one per kernel."""
-        self.compiled_decode = torch.compile(self.decode_one_token, mode=mode, fullgraph=True, dynamic=False)
 
     @torch.inference_mode()
     def generate(self, prompt: Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, use_kv_cache: bool = True,
                  generator: torch.Generator | None = None, allowed: Tensor | None = None,
-                 uncond_prompt: Tensor | None = None, cfg_scale: float = 1.0) -> Tensor:
+                 uncond_prompt: Tensor | None = None, cfg_scale: float = 1.0, decoder=None) -> Tensor:
         """Sample max_new_tokens after prompt (B, T0); returns (B, T0 + max_new_tokens), prompt included.
 
         temperature 0 is greedy. allowed: optional bool tensor (T0 + max_new_tokens, vocab_size); row p says
@@ -317,6 +255,8 @@ class GPT(nn.Module):
         uncond_prompt (B, T0) and cfg_scale: classifier-free guidance. The prompt and uncond_prompt (the same
         prompt with its conditions replaced by "unknown") run as one batch of 2B, both with the cache, and each
         token is sampled from uncond + cfg_scale * (cond - uncond), then fed to both halves.
+        decoder: what makes the caches and runs each one-token step (new_caches, decode_one_token); by default
+        this model, eagerly; sample.CompiledDecoder runs the step compiled.
         """
         B, T0 = prompt.shape
         total = T0 + max_new_tokens
@@ -327,6 +267,7 @@ class GPT(nn.Module):
         guided = uncond_prompt is not None and cfg_scale != 1.0
         if guided and uncond_prompt.shape != prompt.shape:
             raise ValueError(f"uncond_prompt {tuple(uncond_prompt.shape)} must have the prompt's shape {(B, T0)}")
+        decoder = decoder or self
         was_training = self.training
         self.eval()
         # rows B.. hold the unconditional copy when guiding; both copies get the same sampled tokens
@@ -336,23 +277,19 @@ class GPT(nn.Module):
             seqs[B:, :T0] = uncond_prompt
         # The cache holds what the layers compute: bf16 under autocast, the weights' dtype otherwise.
         dtype = torch.get_autocast_dtype(prompt.device.type) if torch.is_autocast_enabled(prompt.device.type) else None
-        caches = self.new_caches(len(seqs), total - 1, dtype) if use_kv_cache else None
-        positions = torch.arange(total, device=prompt.device)
+        caches = decoder.new_caches(len(seqs), total - 1, dtype) if use_kv_cache else None
         logits = self.prefill(seqs[:, :T0], caches) if use_kv_cache else self(seqs[:, :T0])[:, -1]
         for pos in range(T0, total):
             if guided:
                 logits = classifier_free_guidance(logits, cfg_scale)
-            mask = None if allowed is None else allowed[pos]
-            token = sample_next(logits, temperature, top_k, top_p, generator, mask)
+            token = sample_next(logits, temperature, top_k, top_p, generator, None if allowed is None else allowed[pos])
             seqs[:, pos] = token.repeat(2) if guided else token
             if pos + 1 == total:
                 break
-            if not use_kv_cache:
-                logits = self(seqs[:, :pos + 1])[:, -1]
-            elif self.compiled_decode is not None:
-                logits = self.compiled_decode(seqs[:, pos], positions[pos:pos + 1], caches).clone()
+            if use_kv_cache:
+                logits = decoder.decode_one_token(seqs[:, pos], pos, caches)
             else:
-                logits = self.decode_one_token(seqs[:, pos], pos, caches)
+                logits = self(seqs[:, :pos + 1])[:, -1]
         self.train(was_training)
         return seqs[:B]
 
@@ -423,58 +360,36 @@ class GPT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints
+# The key/value cache
 
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used, reported as one line naming the file."""
+class KVCache:
+    """Preallocated keys and values of one layer: (batch, heads, max_len, dim_head) each."""
 
+    def __init__(self, batch_size: int, heads: int, max_len: int, dim_head: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (batch_size, heads, max_len, dim_head)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
 
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """torch.load with weights_only=True: a checkpoint holds tensors and plain values only, so loading one
-    never runs pickled code. Any problem becomes a CheckpointError naming the file."""
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such checkpoint") from None
-    except Exception as e:  # truncated, not a torch file, or holding objects that weights_only refuses
-        raise CheckpointError(f"{path}: {_why_unloadable(path, e)}") from None
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{path}: not a checkpoint (a {type(ckpt).__name__}, expected a dict)")
-    return ckpt
+    def update(self, pos: int | Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, heads, T, dim_head) at positions pos.. and return the keys and values to attend to.
 
-
-def _why_unloadable(path: str, e: Exception) -> str:
-    """torch.load's errors in a few words (its own messages are long, and one suggests weights_only=False)."""
-    refused = re.search(r"GLOBAL (\S+)", str(e))
-    if refused:
-        return (f"refused: it holds a pickled object ({refused[1]}), and a checkpoint may hold only tensors and "
-                "plain values")
-    if isinstance(e, (IsADirectoryError, PermissionError)):
-        return f"cannot read it ({e.strerror})"
-    try:
-        size, is_zip = os.path.getsize(path), zipfile.is_zipfile(path)
-    except OSError as again:  # a symlink loop, a file that vanished meanwhile
-        return f"cannot read it ({again.strerror})"
-    if size == 0:
-        return "empty file (0 bytes)"
-    if not is_zip:  # torch.save writes a zip archive, whose index is at the end
-        return f"truncated or not a PyTorch checkpoint ({size} bytes, no complete zip archive)"
-    first_line = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().split("\n")[0]
-    return f"not a loadable checkpoint ({first_line or type(e).__name__})"
-
-
-def model_from_checkpoint(ckpt: dict, path: str = "checkpoint") -> GPT:
-    """The GPT saved by train.py (config + weights)."""
-    try:
-        model = GPT(GPTConfig(**ckpt["config"]))
-        model.load_state_dict(ckpt["model"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: model does not match its config ({str(e).splitlines()[0]})") from None
-    return model
+        pos an int: returns the filled prefix [0, pos + T) (eager decoding: no work on empty slots).
+        pos a tensor of T positions: returns the whole buffer, so every call has the same shapes, as
+        torch.compile and CUDA graphs need; the attention mask hides the slots not written yet.
+        """
+        if isinstance(pos, Tensor):
+            self.k.index_copy_(2, pos, k)
+            self.v.index_copy_(2, pos, v)
+            return self.k, self.v
+        end = pos + k.shape[2]
+        self.k[:, :, pos:end] = k
+        self.v[:, :, pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 # ----------------------------------------------------------------------------------------------------
-# Sampling one token
+# Choosing the next token
 
 def classifier_free_guidance(logits: Tensor, scale: float) -> Tensor:
     """logits (2B, vocab) of [conditional; unconditional] rows -> (B, vocab) = uncond + scale * (cond - uncond).
@@ -506,9 +421,49 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = No
         # drop a token when the tokens before it already reach top_p (so the most likely one always stays)
         logits = logits.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
     # Inverse-CDF draw: one uniform number u per row, take the first token whose cumulative probability
-    # exceeds u. The same distribution as torch.multinomial, which is 6-25x slower on CPU at these sizes.
+    # exceeds u. The same distribution as torch.multinomial, and much cheaper on CPU (bench.py measures it).
     # right=True never picks a token of probability 0 (its cumulative sum equals its predecessor's).
     cdf = logits.softmax(dim=-1).cumsum(dim=-1)
     u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
     choice = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
     return (choice if candidates is None else candidates.gather(-1, choice)).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Faster paths (attention="fast"): the same maths as above, measured faster on CPU (bench.py). Skip on a first read.
+
+def fast_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: Dropout) -> Tensor:
+    """explicit_attention in fewer passes over the scores: the mask becomes a bias of 0 / -inf that baddbmm adds
+    while it multiplies (bias + scale * q k^T), instead of a matmul, a scale and a masked_fill one after another."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    bias = torch.zeros(Tq, Tk, dtype=q.dtype, device=q.device)
+    if mask is not None:
+        bias = bias.masked_fill(~mask, float("-inf"))
+    scores = torch.baddbmm(bias, q.reshape(B * H, Tq, D), k.reshape(B * H, Tk, D).transpose(1, 2), alpha=D ** -0.5)
+    weights = dropout(scores.softmax(dim=-1))  # on bf16 scores the kernel sums in float32, as x-transformers' .float()
+    return (weights @ v.reshape(B * H, Tk, D)).view(B, H, Tq, D)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout, with a cheaper random mask on CPU when cheap_mask is set (GPT.set_attention("fast")).
+
+    On CPU, F.dropout draws one random number per element (bernoulli_), and at the reference size that was a fifth
+    of a training step. cheap_dropout draws one 64-bit number per four elements instead.
+    """
+    cheap_mask = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.cheap_mask and self.training and x.device.type == "cpu" and 0 < self.p < 1:
+            return cheap_dropout(x, self.p)
+        return super().forward(x)
+
+
+def cheap_dropout(x: Tensor, p: float) -> Tensor:
+    """F.dropout(x, p) with a mask from a quarter of the random draws. Each 16-bit quarter of a random 64-bit draw
+    is a uniform int16, and an element is dropped when it falls in the lowest p * 2^16 values (p is rounded to a
+    multiple of 2^-16). Kept elements are scaled by 1 / (1 - p), as in F.dropout."""
+    n = x.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, 2**63 - 1).view(torch.int16)
+    keep = bits[:n].view(x.shape) >= round(p * 2**16) - 2**15
+    return x * keep.to(x.dtype).mul_(1 / (1 - p))

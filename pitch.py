@@ -5,9 +5,9 @@ Does a note come out at the pitch we asked for? Measure it.
 
 - estimate_f0: the pitch of one plucked note. Praat's autocorrelation pitch tracker (Boersma 1993, through the
   praat-parselmouth package) gives one f0 every 10 ms; we skip the attack (its noisy first 0.1 s), look at the
-  next 1.9 s and take the median of the voiced frames. On the 57 labelled real guitar notes in
-  shared/data/real-guitar it gets all 57 within 50 cents (median error 0.8 cents), in about 50 ms a note on
-  one CPU core. No model weights, nothing downloaded.
+  next 1.9 s and take the median of the voiced frames. `python pitch.py --real` checks it on labelled notes (the
+  README gives its score on the 57 real guitar notes in shared/data/real-guitar). No model weights, nothing
+  downloaded.
 - spectrogram_png: a picture of a note (log-frequency STFT), with the asked and the measured pitch marked.
 - pitch_report: all of the above for a list of (WAV, requested MIDI pitch), one line per note and a last line
   "pitch accuracy: N of M within 50 cents".

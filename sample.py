@@ -24,16 +24,11 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
-from data import FRAME_RATE, HOP, MIDI_VALUES, NSYNTH_SOURCES, SAMPLE_RATE, Codec, CodecTokenizer, DataError, read_audio
-from model import GPT, CheckpointError, load_checkpoint, model_from_checkpoint
-from train import codec_from_checkpoint, non_negative, pick_device, positive
-
-
-def probability(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
+from checkpoint import CheckpointError, load_checkpoint, load_for_sampling
+from cli import non_negative, pick_device, positive, probability
+from data import FRAME_RATE, HOP, SAMPLE_RATE, Codec, DataError, read_audio
+from model import ATTENTION_KINDS, GPT, KVCache
+from tokenizer import MIDI_VALUES, NSYNTH_SOURCES, CodecTokenizer
 
 
 def pitches(text: str) -> list[int]:
@@ -103,12 +98,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out-dir", default="samples", help="where sample_{i}.wav go (default: samples)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto = cuda when available (default: auto)")
-    p.add_argument("--attention", choices=("auto", "explicit", "fused"), default="auto",
+    p.add_argument("--attention", choices=("auto", *ATTENTION_KINDS), default="auto",
                    help="attention path; auto = fused (scaled_dot_product_attention: the faster one for sampling, "
                         "on CPU too) (default: auto)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the one-token decode step; on CUDA it becomes a CUDA graph (one launch per "
-                        "token). Compiling takes 20-40 s first on a 2-core CPU: worth it for many or long batches")
+                        "token). Compiling takes tens of seconds first on a CPU: worth it for many or long batches")
     p.add_argument("--no-kv-cache", action="store_true",
                    help="re-run the whole sequence for every token, like the reference (slow; for comparison)")
     return p.parse_args(argv)
@@ -124,22 +119,7 @@ def load_model(args) -> tuple[GPT, CodecTokenizer, Codec]:
             raise CheckpointError(f"{args.xt_checkpoint}: {e}") from None
         tokenizer = CodecTokenizer(levels=2, layout="shared")
         return model, tokenizer, Codec.pretrained(1.5, args.codec_weights)
-    ckpt = load_checkpoint(args.ckpt)
-    if "codec" not in ckpt or "tokenizer" not in ckpt:
-        raise CheckpointError(f"{args.ckpt}: not a codecgpt checkpoint (no codec or tokenizer); "
-                              "for the reference notebook's weights use --xt-checkpoint")
-    model = model_from_checkpoint(ckpt, args.ckpt)
-    try:
-        tokenizer = CodecTokenizer(**ckpt["tokenizer"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{args.ckpt}: its tokenizer entry is unusable ({e})") from None
-    if tokenizer.vocab_size != model.cfg.vocab_size:
-        raise CheckpointError(f"{args.ckpt}: its tokenizer ({tokenizer.vocab_size} tokens) does not fit its model "
-                              f"({model.cfg.vocab_size} tokens)")
-    codec = codec_from_checkpoint(ckpt, args.ckpt, args.codec_weights)
-    if codec.levels != tokenizer.levels:
-        raise CheckpointError(f"{args.ckpt}: its codec has {codec.levels} levels, its tokenizer {tokenizer.levels}")
-    return model, tokenizer, codec
+    return load_for_sampling(args.ckpt, args.codec_weights)
 
 
 def encode_prompt(args, codec: Codec, tokenizer: CodecTokenizer, max_frames: int) -> torch.Tensor:
@@ -161,8 +141,7 @@ def sample(args) -> list[Path]:
     model.to(device).eval()
     codec.to(device)
     model.set_attention("fused" if args.attention == "auto" else args.attention)
-    if args.compile:
-        model.compile_decode(mode="reduce-overhead" if device == "cuda" else None)
+    decoder = CompiledDecoder(model, mode="reduce-overhead" if device == "cuda" else None) if args.compile else None
 
     conditioned = args.pitch is not None or args.velocity is not None or args.source is not None
     if conditioned and not tokenizer.conditions:
@@ -207,7 +186,7 @@ def sample(args) -> list[Path]:
             t = time.time()
             tokens = model.generate(prompt, length - prompt.shape[1], temperature=args.temperature, top_k=args.top_k,
                                     top_p=args.top_p, use_kv_cache=not args.no_kv_cache, generator=generator,
-                                    allowed=allowed, cfg_scale=args.cfg,
+                                    allowed=allowed, cfg_scale=args.cfg, decoder=decoder,
                                     uncond_prompt=tokenizer.unconditional(prompt) if guided else None)
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -230,6 +209,40 @@ def sample(args) -> list[Path]:
         from pitch import pitch_report
         pitch_report(written)
     return [path for path, _ in written]
+
+
+class CompiledDecoder:
+    """GPT.decode_one_token through torch.compile, for GPT.generate(decoder=...) (gpt-fast's recipe).
+
+    The position goes in as a 1-element tensor and attention covers the whole cache, masked (KVCache.update), so
+    one compiled graph serves every position. With mode="reduce-overhead" on CUDA the graph is also recorded as a
+    CUDA graph: one launch per token instead of one per kernel. A CUDA graph reads and writes fixed addresses, so
+    the caches are marked static and kept for the next generate of the same shape, which then replays the graph
+    on the same memory instead of recording it again. Reusing them is safe: every slot is written before a query
+    at or after its position reads it.
+    """
+
+    def __init__(self, model: GPT, mode: str | None = None):
+        self.model = model
+        self.step = torch.compile(model.decode_one_token, mode=mode, fullgraph=True, dynamic=False)
+        self.key, self.caches = None, None
+        self.positions = None
+
+    def new_caches(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> list[KVCache]:
+        # (inference-mode tensors, as generate makes, cannot be written outside inference mode)
+        key = (batch_size, max_len, dtype, torch.is_inference_mode_enabled())
+        if key != self.key:
+            self.caches = self.model.new_caches(batch_size, max_len, dtype)
+            for cache in self.caches:
+                torch._dynamo.mark_static_address(cache.k)
+                torch._dynamo.mark_static_address(cache.v)
+            self.key = key
+            self.positions = torch.arange(max_len + 1, device=self.caches[0].k.device)
+        return self.caches
+
+    def decode_one_token(self, token: torch.Tensor, pos: int, caches: list[KVCache]) -> torch.Tensor:
+        # .clone(): a CUDA graph's output lives in memory that its next replay overwrites
+        return self.step(token, self.positions[pos:pos + 1], caches).clone()
 
 
 def main(argv=None) -> None:

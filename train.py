@@ -7,9 +7,12 @@ Train codecgpt: encode a folder of notes into EnCodec tokens, then teach the Tra
     python train.py --unconditional                        # no pitch/velocity/source tokens, like the reference
     torchrun --standalone --nproc_per_node=4 train.py      # 4 GPUs on one machine (DistributedDataParallel)
 
-By default every note starts with BOS and its pitch, velocity and source tokens (see data.CodecTokenizer), so that
-sample.py can ask for a note. Writes out/ckpt.pt (latest), out/best.pt (lowest validation loss) and out/log.jsonl
-(one line per evaluation).
+By default every note starts with BOS and its pitch, velocity and source tokens (tokenizer.py), so that sample.py
+can ask for a note. Writes out/ckpt.pt (latest), out/best.pt (lowest validation loss) and out/log.jsonl (one line
+per evaluation).
+
+Reading order: next_token_loss (the loss) and train (the loop) come first; below them are the helpers the loop
+calls: evaluation, checkpoints and exact resume, torchrun, and the flags.
 """
 from __future__ import annotations
 
@@ -27,42 +30,378 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import (DEFAULT_FRAMES, FRAME_RATE, Codec, CodecTokenizer, DataError, EncodedFiles, TokenDataset,
-                  cache_path, encode_files, load_codec_for_training, report_skipped, resolve_data)
-from model import GPT, CheckpointError, GPTConfig, load_checkpoint
+from checkpoint import (CheckpointError, atomic_write, codec_from_checkpoint, load_checkpoint, save_checkpoint)
+from cli import non_negative, pick_device, positive, probability_or_zero
+from data import (DEFAULT_FRAMES, FRAME_RATE, Codec, DataError, EncodedFiles, TokenDataset, cache_path,
+                  encode_files, load_codec_for_training, report_skipped)
+from model import ATTENTION_KINDS, GPT, GPTConfig
+from prepare import resolve_data
+from tokenizer import CodecTokenizer
+
+
+def next_token_loss(model: torch.nn.Module, tokens: Tensor, tokenizer: CodecTokenizer) -> tuple[Tensor, Tensor]:
+    """The loss, for training and evaluation alike: the cross-entropy (nats) of every code of tokens (B, T) given
+    the tokens before it, as (B, levels, frames), and the logits (B, T - 1, vocab) it came from."""
+    logits = model(tokens[:, :-1])               # the logits at position t score the candidates for token t + 1
+    targets = tokens[:, 1:]
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    return tokenizer.per_code(loss), logits      # BOS and the conditions are inputs only: just the codes count
+
+
+def train(args) -> GPT:
+    """Train, as one process or as one rank of a torchrun job; returns the trained model."""
+    resumed = checkpoint_to_resume(args)         # None, or the checkpoint whose run continues (its flags win)
+    rank, world, device = setup_distributed(pick_device(args.device))
+    master = rank == 0                           # the one process that logs and writes checkpoints
+    if args.batch_size % (args.grad_accum * world):
+        raise DataError(f"--batch-size {args.batch_size} must be a multiple of --grad-accum {args.grad_accum} "
+                        f"x {world} processes")
+    micro_batch = args.batch_size // (args.grad_accum * world)   # notes per rank and micro-step
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    dtype, autocast = precision(args.dtype, device_type)
+    torch.manual_seed(args.seed + rank)  # each rank its own dropout noise (DDP gives all of them rank 0's weights)
+
+    # The data: notes -> codec -> codes (cached on disk) -> one token sequence per note
+    codec, tokenizer, train_set, val_set = prepare_data_once(args, device, resumed, rank, world)
+    seq_len = train_set.tokens.shape[1]
+    # The model, and AdamW with weight decay on matrices only, not on norm gains and biases (as nanoGPT)
+    cfg = GPTConfig(vocab_size=tokenizer.vocab_size, max_seq_len=seq_len - 1, dim=args.dim, depth=args.depth,
+                    heads=args.heads, dim_head=args.dim_head, dropout=args.dropout)
+    model = GPT(cfg).to(device)
+    attention = args.attention if args.attention != "auto" else ("fused" if device_type == "cuda" else "fast")
+    model.set_attention(attention)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=args.lr, betas=(0.9, 0.95), fused=device_type == "cuda")
+    batches = torch.Generator().manual_seed(args.seed)  # which notes go in each batch, the same on every rank
+
+    out_dir = Path(args.out_dir)
+    start_iter, best_val = 0, float("inf")
+    if resumed:
+        start_iter, best_val = restore(resumed, out_dir / "ckpt.pt", cfg, model, optimizer, batches, rank, device_type)
+        if master:
+            rewrite_log(out_dir / "log.jsonl", start_iter, resumed["metrics"])
+            print(f"resuming from {out_dir / 'ckpt.pt'} at iteration {start_iter}")
+    raw_model = model                            # what is evaluated and saved, without compile's or DDP's wrapper
+    model = wrap_for_compile_and_ddp(model, args.compile, world, device)
+    if master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        print(f"{len(train_set)} training notes, {len(val_set)} validation notes, {seq_len - 1} tokens each "
+              f"({codec.kind} codec, {codec.levels} levels); model {raw_model.num_params() / 1e6:.2f}M parameters; "
+              f"{device}, {dtype}, {attention} attention"
+              + (f"; {world} processes x {args.grad_accum} micro-steps of {micro_batch} notes" if world > 1 else ""))
+
+    def save(it: int, metrics: dict, path: Path, rng: dict | None = None) -> None:
+        ckpt = {"model": raw_model.state_dict(), "config": asdict(cfg), "tokenizer": tokenizer.state(),
+                "codec": codec.identity(), "iter_num": it, "best_val_loss": best_val, "metrics": metrics,
+                "args": vars(args)}
+        if rng is not None:  # what --resume needs on top: the optimizer and every random stream
+            ckpt.update(optimizer=optimizer.state_dict(), rng=rng)
+        save_checkpoint(ckpt, path)
+
+    train_loss_sum, steps = torch.zeros((), device=device), 0
+    bar = tqdm(total=args.max_iters, initial=start_iter, desc="training", unit="step", disable=None if master else True)
+    t0 = time.time()
+    for it in range(start_iter, args.max_iters + 1):
+        # Evaluate and save every --eval-interval steps (the checkpoint resumed from already holds its own evaluation)
+        if (it % args.eval_interval == 0 or it == args.max_iters) and not (resumed and it == start_iter):
+            train_loss = global_mean(train_loss_sum / steps, world) if steps else None
+            rng = random_states(world, device_type, batches)  # every rank takes part in gathering these
+            if master:
+                metrics = {"iter": it, "train_loss": train_loss,
+                           **evaluate(raw_model, val_set.tokens, tokenizer, args.eval_batch_size, device, autocast),
+                           "lr": lr_at(it, args), "elapsed_s": round(time.time() - t0, 2)}
+                with open(out_dir / "log.jsonl", "a") as log:
+                    log.write(json.dumps(metrics) + "\n")
+                tqdm.write(f"iter {it}: val loss {metrics['val_loss']:.4f} (levels "
+                           + ", ".join(f"{x:.3f}" for x in metrics["val_loss_per_level"])
+                           + f"), accuracy {metrics['val_accuracy']:.3f}")
+                if metrics["val_loss"] < best_val:
+                    best_val = metrics["val_loss"]
+                    save(it, metrics, out_dir / "best.pt")
+                save(it, metrics, out_dir / "ckpt.pt", rng)
+            train_loss_sum.zero_()
+            steps = 0
+        if it == args.max_iters:
+            break
+
+        # One optimizer step. Every rank draws the same global batch (and the same condition dropout), so which
+        # notes a step sees does not depend on the number of processes; each rank takes its own slice of it.
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(it, args)
+        idx = torch.randint(len(train_set), (args.batch_size,), generator=batches)
+        notes = tokenizer.drop_conditions(train_set.tokens[idx], args.cond_dropout, batches)
+        for micro, batch in enumerate(notes.view(args.grad_accum, world, micro_batch, -1)[:, rank]):
+            if world > 1:
+                # DDP all-reduces the gradients inside backward(). Before the last micro-step they only add up
+                # locally, so syncing them there would be wasted traffic: sync once per step (as nanoGPT does).
+                model.require_backward_grad_sync = micro == args.grad_accum - 1
+            with autocast:
+                loss, _ = next_token_loss(model, batch.to(device, non_blocking=True), tokenizer)
+            # / grad_accum: the summed gradients of the micro-steps are then those of the mean loss of the batch
+            loss = loss.mean() / args.grad_accum
+            loss.backward()
+            train_loss_sum += loss.detach()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps += 1
+        bar.update(1)
+        if (it + 1) % 10 == 0:  # .item() waits for the GPU, so not every step
+            bar.set_postfix(loss=f"{global_mean(train_loss_sum / steps, world):.3f}")
+    bar.close()
+    if master:
+        print(f"done: best validation loss {best_val:.4f} nats/token; checkpoints in {out_dir}/")
+    return raw_model
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation and the learning rate
+
+@torch.no_grad()
+def evaluate(model: GPT, tokens: Tensor, tokenizer: CodecTokenizer, batch_size: int, device: str, autocast) -> dict:
+    """next_token_loss over every validation note: the mean (nats/token), the mean of each codec level, and how
+    often the most likely token is the right one."""
+    model.eval()
+    loss_sum = torch.zeros(tokenizer.levels, device=device)
+    correct = torch.zeros((), device=device)
+    for batch in tokens.split(batch_size):
+        batch = batch.to(device)
+        with autocast:
+            loss, logits = next_token_loss(model, batch, tokenizer)
+        loss_sum += loss.sum(dim=(0, 2))
+        correct += tokenizer.per_code(logits.argmax(-1) == batch[:, 1:]).sum()
+    model.train()
+    codes_per_level = len(tokens) * loss.shape[2]
+    per_level = (loss_sum / codes_per_level).tolist()
+    return {"val_loss": sum(per_level) / len(per_level), "val_loss_per_level": per_level,
+            "val_accuracy": correct.item() / (codes_per_level * len(per_level))}
+
+
+def lr_at(it: int, args) -> float:
+    """Linear warmup to --lr, then cosine decay to --min-lr at --lr-decay-iters (default --max-iters)."""
+    if it < args.warmup_iters:
+        return args.lr * (it + 1) / args.warmup_iters
+    decay_iters = args.lr_decay_iters or args.max_iters
+    progress = (it - args.warmup_iters) / max(1, decay_iters - args.warmup_iters)
+    return args.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (args.lr - args.min_lr)
+
+
+def precision(dtype: str, device_type: str) -> tuple[str, object]:
+    """--dtype -> (its name, the autocast context for the forward pass). auto = bf16 autocast on CUDA and on CPUs
+    with native bf16 matmuls (emulated bf16 is slower than float32), float32 elsewhere. TF32 on for CUDA."""
+    if dtype == "auto":
+        try:
+            cpu_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        except (AttributeError, RuntimeError):
+            cpu_bf16 = False
+        dtype = "bfloat16" if device_type == "cuda" or cpu_bf16 else "float32"
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return dtype, torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints and exact resume: after --resume the run goes on as if it had never stopped
 
 # Flags that define the data and the model: on --resume they come from the checkpoint.
 RUN_FLAGS = ("data", "data_dir", "synthetic_notes", "codec", "bandwidth", "seconds",
              "dim", "depth", "heads", "dim_head", "dropout", "unconditional", "cond_dropout")
 
 
-def positive(kind):
-    def parse(text: str):
-        value = kind(text)
-        if not value > 0 or value == math.inf:  # nan > 0 is False, so nan is refused too
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return parse
+def checkpoint_to_resume(args) -> dict | None:
+    """With --resume, OUT_DIR/ckpt.pt, checked to hold all that resuming needs; its run flags replace args'."""
+    if not args.resume:
+        return None
+    path = Path(args.out_dir) / "ckpt.pt"
+    resumed = load_checkpoint(path)
+    missing = [k for k in ("args", "config", "model", "optimizer", "codec", "iter_num", "best_val_loss",
+                           "metrics", "rng") if k not in resumed]
+    if "args" not in missing:
+        saved = resumed["args"] if isinstance(resumed["args"], dict) else {}
+        missing += [f"args.{name}" for name in RUN_FLAGS if name not in saved]
+    if missing:
+        raise CheckpointError(f"{path}: cannot resume from it, it has no {', '.join(missing)}")
+    for name in RUN_FLAGS:  # the run is defined by the checkpoint, not by this call's flags
+        setattr(args, name, resumed["args"][name])
+    return resumed
 
 
-def non_negative(kind):
-    def parse(text: str):
-        value = kind(text)
-        if not value >= 0 or value == math.inf:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-        return value
-    return parse
+def random_states(world: int, device_type: str, batches: torch.Generator) -> dict:
+    """Every random stream the run draws from: the batch generator (shared by all ranks) and each rank's own torch
+    (and CUDA) state, which drives dropout. Gathered from all ranks, so every rank must call this."""
+    rng = {"torch": torch.get_rng_state()}
+    if device_type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state()
+    ranks = [rng]
+    if world > 1:
+        ranks = [None] * world
+        dist.all_gather_object(ranks, rng)
+    return {**ranks[0], "batches": batches.get_state(), **({"ranks": ranks} if world > 1 else {})}
 
 
-def probability_or_zero(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
+def restore(resumed: dict, path: Path, cfg: GPTConfig, model: GPT, optimizer, batches: torch.Generator,
+            rank: int, device_type: str) -> tuple[int, float]:
+    """Put the weights, optimizer and random streams back as the checkpoint saved them; returns (iteration, best
+    validation loss). A checkpoint for another model, or a damaged one, is a CheckpointError naming the file."""
+    saved = resumed["config"] if isinstance(resumed["config"], dict) else {}
+    try:
+        same = asdict(GPTConfig(**saved)) == asdict(cfg)   # filled with today's defaults, as when it is loaded
+    except (TypeError, ValueError):
+        same = False
+    if not same:
+        differ = [f"{k} {saved.get(k)} != {v}" for k, v in asdict(cfg).items() if saved.get(k) != v]
+        raise CheckpointError(f"{path}: made for another model or data than this run builds "
+                              f"({', '.join(differ) or 'unreadable config'}; checkpoint != this run)")
+    try:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        # each rank's dropout stream; ranks beyond those saved (resuming on more processes) keep their fresh seed
+        states = resumed["rng"].get("ranks") or [resumed["rng"]]
+        if rank < len(states):
+            torch.set_rng_state(states[rank]["torch"])
+            if device_type == "cuda" and "cuda" in states[rank]:
+                torch.cuda.set_rng_state(states[rank]["cuda"])
+        batches.set_state(resumed["rng"]["batches"])
+        json.dumps(resumed["metrics"])  # it goes back into the log
+        return int(resumed["iter_num"]), float(resumed["best_val_loss"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{path}: cannot resume from it ({type(e).__name__}: {reason})") from None
 
+
+def rewrite_log(path: Path, upto: int, last: dict) -> None:
+    """Make the log end where the checkpoint we resume from ends: drop evaluations logged after it (the run was
+    killed between writing the log and the checkpoint) and lines cut short, and put the checkpoint's own back."""
+    kept = []
+    if path.exists():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and isinstance(entry.get("iter"), int) and entry["iter"] < upto:
+                kept.append(line)
+    kept.append(json.dumps(last))
+    atomic_write(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data, and several processes (torchrun)
+
+def prepare_data(args, device: str, codec: Codec | None = None, verbose: bool = True):
+    """Files -> codec -> cached codes -> token datasets. On --resume the checkpoint's codec is passed in and used."""
+    files = resolve_data(args.data, args.data_dir, args.synthetic_notes, args.seed)
+    frames = round(args.seconds * FRAME_RATE)
+    cache_dir = args.cache_dir or str(Path(args.data_dir) / "cache")
+    if codec is None:
+        try:
+            codec = load_codec_for_training(args.codec, args.bandwidth, args.codec_weights, files["train"], frames,
+                                            cache_dir, args.seed, device)
+        except DataError as e:
+            raise DataError(f"--data {args.data}: {e}") from None
+    codec.to(device)
+    tokenizer = CodecTokenizer(codec.levels, conditions=not args.unconditional)
+    encoded = {}
+    for name in ("train", "valid"):
+        cache = cache_path(cache_dir, name, files[name], codec, frames)
+        encoded[name] = encode_files(files[name], codec, frames, cache, desc=f"encoding {name}")
+        if verbose:
+            report_skipped(name, encoded[name])
+    train_notes, valid_notes = encoded["train"], encoded["valid"]
+    if len(train_notes.files) == 0:
+        raise DataError(f"no readable audio in the train split of --data {args.data} "
+                        f"({len(train_notes.skipped)} files, all skipped)")
+    if len(valid_notes.files) == 0:
+        # In a small messy folder the one file picked for validation may be the unreadable one: validate on the
+        # last readable training note rather than stop.
+        if verbose:
+            print(f"valid: none of its {len(valid_notes.skipped)} files could be used; "
+                  f"validating on {train_notes.files[-1]} instead")
+        valid_notes = EncodedFiles(train_notes.codes[-1:], train_notes.files[-1:], valid_notes.skipped)
+        if len(train_notes.files) > 1:
+            train_notes = EncodedFiles(train_notes.codes[:-1], train_notes.files[:-1], train_notes.skipped)
+    return codec, tokenizer, TokenDataset(train_notes, tokenizer), TokenDataset(valid_notes, tokenizer)
+
+
+def prepare_data_once(args, device: str, resumed: dict | None, rank: int, world: int):
+    """prepare_data, with only rank 0 downloading, fitting the codec and encoding into the token cache: the other
+    ranks wait for it, take its codec, and then find every note in the cache. On --resume every rank uses the
+    checkpoint's codec."""
+    codec = codec_from_checkpoint(resumed, Path(args.out_dir) / "ckpt.pt", args.codec_weights) if resumed else None
+    if world == 1:
+        return prepare_data(args, device, codec)
+    # Encoding a large set can outlast NCCL's collective timeout (10 minutes), so the others wait on a CPU (gloo)
+    # group with a long timeout of its own.
+    waiting = dist.new_group(backend="gloo", timeout=timedelta(hours=6))
+    outcome = [None]
+    if rank == 0:
+        try:
+            prepared = prepare_data(args, device, codec)
+            outcome = [{"codec": prepared[0].identity()}]
+        except DataError as e:
+            outcome = [{"error": str(e)}]
+    dist.broadcast_object_list(outcome, src=0, group=waiting)  # the barrier, carrying rank 0's codec or error
+    if "error" in outcome[0]:
+        raise DataError(outcome[0]["error"])
+    if rank != 0:
+        # rank 0's codec, not one fitted here: every rank must turn audio into the same tokens
+        if codec is None:
+            codec = Codec.from_identity(outcome[0]["codec"], args.codec_weights)
+        prepared = prepare_data(args, device, codec, verbose=False)
+    return prepared
+
+
+def setup_distributed(device: str) -> tuple[int, int, str]:
+    """(rank, world size, device) of this process. torchrun starts one process per GPU (or per CPU worker) on each
+    node and tells each who it is in RANK, LOCAL_RANK and WORLD_SIZE; without torchrun this is rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            gpus = torch.cuda.device_count()
+            raise DataError(f"torchrun started more processes on this node than it has CUDA devices ({gpus}): "
+                            f"use --nproc_per_node={gpus} or less")
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    # NCCL moves the gradients from GPU to GPU; gloo does it between CPU processes
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, device
+
+
+def wrap_for_compile_and_ddp(model: GPT, compile: bool, world: int, device: str) -> torch.nn.Module:
+    """torch.compile (--compile), then DistributedDataParallel under torchrun, in that order (as nanoGPT does).
+    The unwrapped model is the one saved, so checkpoint keys never carry "_orig_mod." or "module." prefixes."""
+    if compile:
+        model = torch.compile(model)
+    if world > 1:
+        # DDP gives every rank rank 0's weights, then averages the gradients over the ranks inside backward().
+        # The buffers (rotary tables, causal mask) follow from the config, so they need no broadcasting.
+        cuda = device.startswith("cuda")
+        model = DDP(model, device_ids=[torch.device(device).index] if cuda else None, broadcast_buffers=False)
+    return model
+
+
+def global_mean(x: Tensor, world: int) -> float:
+    """x averaged over the ranks: the loss of the whole batch, not of this rank's slice of it."""
+    if world > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= world
+    return x.item()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Flags
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,369 +463,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(AVX-512 BF16 / AMX), float32 otherwise (default: auto)")
     t.add_argument("--compile", action="store_true",
                    help="torch.compile the model for training (worth it on CUDA; on a CPU it was slower here)")
-    t.add_argument("--attention", choices=("auto", "explicit", "fused"), default="auto",
-                   help="explicit (matmul+softmax) or fused (scaled_dot_product_attention, flash on CUDA); "
-                        "auto = fused on CUDA, explicit on CPU (default: auto)")
+    t.add_argument("--attention", choices=("auto", *ATTENTION_KINDS), default="auto",
+                   help="explicit (the textbook formula), fast (the same, in fewer passes with a cheaper dropout "
+                        "mask on CPU) or fused (scaled_dot_product_attention, flash on CUDA); auto = fused on CUDA, "
+                        "fast on CPU (default: auto)")
     t.add_argument("--seed", type=int, default=0, help="seed for initialisation, batches and dropout (default: 0)")
     t.add_argument("--resume", action="store_true",
                    help="continue from OUT_DIR/ckpt.pt exactly where it stopped; the data, codec and model flags "
                         "are taken from the checkpoint")
     return p.parse_args(argv)
-
-
-def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda: no CUDA device is available")
-    return name
-
-
-def cpu_has_bf16() -> bool:
-    """True when oneDNN runs bf16 matmuls natively on this CPU (about 2x float32 here; emulated bf16 is slower)."""
-    try:
-        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def setup_distributed(device: str) -> tuple[int, int, str]:
-    """(rank, world size, device) of this process. torchrun starts one process per GPU (or per CPU worker) on each
-    node and tells each who it is in RANK, LOCAL_RANK and WORLD_SIZE; without torchrun this is rank 0 of 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    if device == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            gpus = torch.cuda.device_count()
-            raise DataError(f"torchrun started more processes on this node than it has CUDA devices ({gpus}): "
-                            f"use --nproc_per_node={gpus} or less")
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    # NCCL moves the gradients from GPU to GPU; gloo does it between CPU processes
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return rank, world, device
-
-
-def lr_at(it: int, args) -> float:
-    """Linear warmup to --lr, then cosine decay to --min-lr at --lr-decay-iters (default --max-iters)."""
-    if it < args.warmup_iters:
-        return args.lr * (it + 1) / args.warmup_iters
-    decay_iters = args.lr_decay_iters or args.max_iters
-    progress = (it - args.warmup_iters) / max(1, decay_iters - args.warmup_iters)
-    return args.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (args.lr - args.min_lr)
-
-
-@torch.no_grad()
-def evaluate(model: GPT, tokens: torch.Tensor, tokenizer: CodecTokenizer, batch_size: int, device: str,
-             autocast) -> dict:
-    """Cross-entropy (nats/token), cross-entropy of each codec level, and next-token accuracy over the codes of
-    tokens (the BOS and condition tokens are given, never predicted)."""
-    model.eval()
-    levels, first = tokenizer.levels, tokenizer.prefix - 1   # logits at `first` predict the first code
-    loss_sum = torch.zeros(levels, device=device)
-    correct = torch.zeros((), device=device)
-    for batch in tokens.split(batch_size):
-        batch = batch.to(device)
-        with autocast:
-            logits = model(batch[:, :-1])[:, first:]
-        targets = batch[:, first + 1:]
-        loss = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (B, codes)
-        # code t of the stream holds level t % levels
-        loss_sum += loss.sum(0).view(-1, levels).sum(0)
-        correct += (logits.argmax(-1) == targets).sum()
-    model.train()
-    n = targets.shape[1] * tokens.shape[0]
-    per_level = (loss_sum / (n / levels)).tolist()
-    return {"val_loss": sum(per_level) / levels, "val_loss_per_level": per_level, "val_accuracy": correct.item() / n}
-
-
-def save_atomically(obj: dict, path: Path) -> None:
-    """Write to a temporary file, then rename: a crash mid-write never replaces a good checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def codec_from_checkpoint(ckpt: dict, path, weights: str | None = None) -> Codec:
-    """The codec a checkpoint was trained with; an entry that cannot rebuild one is a CheckpointError naming the
-    file."""
-    try:
-        return Codec.from_identity(ckpt["codec"], weights)
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
-        raise CheckpointError(f"{path}: its codec cannot be rebuilt ({type(e).__name__}: {e})") from None
-
-
-def prepare_data(args, device: str, codec: Codec | None = None, verbose: bool = True):
-    """Files -> codec -> cached codes -> token datasets. On --resume the checkpoint's codec is passed in and used."""
-    files = resolve_data(args.data, args.data_dir, args.synthetic_notes, args.seed)
-    frames = round(args.seconds * FRAME_RATE)
-    cache_dir = args.cache_dir or str(Path(args.data_dir) / "cache")
-    if codec is None:
-        try:
-            codec = load_codec_for_training(args.codec, args.bandwidth, args.codec_weights, files["train"], frames,
-                                            cache_dir, args.seed, device)
-        except DataError as e:
-            raise DataError(f"--data {args.data}: {e}") from None
-    codec.to(device)
-    tokenizer = CodecTokenizer(codec.levels, conditions=not args.unconditional)
-    encoded = {}
-    for name in ("train", "valid"):
-        cache = cache_path(cache_dir, name, files[name], codec, frames)
-        encoded[name] = encode_files(files[name], codec, frames, cache, desc=f"encoding {name}")
-        if verbose:
-            report_skipped(name, encoded[name])
-    train_notes, valid_notes = encoded["train"], encoded["valid"]
-    if len(train_notes.files) == 0:
-        raise DataError(f"no readable audio in the train split of --data {args.data} "
-                        f"({len(train_notes.skipped)} files, all skipped)")
-    if len(valid_notes.files) == 0:
-        # In a small messy folder the one file picked for validation may be the unreadable one: validate on the
-        # last readable training note rather than stop.
-        if verbose:
-            print(f"valid: none of its {len(valid_notes.skipped)} files could be used; "
-                  f"validating on {train_notes.files[-1]} instead")
-        valid_notes = EncodedFiles(train_notes.codes[-1:], train_notes.files[-1:], valid_notes.skipped)
-        if len(train_notes.files) > 1:
-            train_notes = EncodedFiles(train_notes.codes[:-1], train_notes.files[:-1], train_notes.skipped)
-    return codec, tokenizer, TokenDataset(train_notes, tokenizer), TokenDataset(valid_notes, tokenizer)
-
-
-def prepare_data_once(args, device: str, codec: Codec | None, rank: int, world: int):
-    """prepare_data, with only rank 0 downloading, fitting the codec and encoding into the token cache: the other
-    ranks wait for it, take its codec, and then find every note in the cache."""
-    if world == 1:
-        return prepare_data(args, device, codec)
-    # Encoding a large set can outlast NCCL's collective timeout (10 minutes), so the others wait on a CPU (gloo)
-    # group with a long timeout of its own.
-    waiting = dist.new_group(backend="gloo", timeout=timedelta(hours=6))
-    outcome = [None]
-    if rank == 0:
-        try:
-            prepared = prepare_data(args, device, codec)
-            outcome = [{"codec": prepared[0].identity()}]
-        except DataError as e:
-            outcome = [{"error": str(e)}]
-    dist.broadcast_object_list(outcome, src=0, group=waiting)  # the barrier, carrying rank 0's codec or error
-    if "error" in outcome[0]:
-        raise DataError(outcome[0]["error"])
-    if rank != 0:
-        # rank 0's codec, not one fitted here: every rank must turn audio into the same tokens
-        if codec is None:
-            codec = Codec.from_identity(outcome[0]["codec"], args.codec_weights)
-        prepared = prepare_data(args, device, codec, verbose=False)
-    return prepared
-
-
-def restore(resumed: dict, path: Path, cfg: GPTConfig, model: GPT, optimizer, batches: torch.Generator,
-            rank: int, device_type: str) -> tuple[int, float]:
-    """Put the weights, optimizer and random streams back as the checkpoint saved them; returns (iteration, best
-    validation loss). A checkpoint for another model, or a damaged one, is a CheckpointError naming the file."""
-    if resumed["config"] != asdict(cfg):
-        saved = resumed["config"] if isinstance(resumed["config"], dict) else {}
-        differ = [f"{k} {saved.get(k)} != {v}" for k, v in asdict(cfg).items() if saved.get(k) != v]
-        raise CheckpointError(f"{path}: made for another model or data than this run builds "
-                              f"({', '.join(differ) or 'unreadable config'}; checkpoint != this run)")
-    try:
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        # each rank's dropout stream; ranks beyond those saved (resuming on more processes) keep their fresh seed
-        states = resumed["rng"].get("ranks") or [resumed["rng"]]
-        if rank < len(states):
-            torch.set_rng_state(states[rank]["torch"])
-            if device_type == "cuda" and "cuda" in states[rank]:
-                torch.cuda.set_rng_state(states[rank]["cuda"])
-        batches.set_state(resumed["rng"]["batches"])
-        json.dumps(resumed["metrics"])  # it goes back into the log
-        return int(resumed["iter_num"]), float(resumed["best_val_loss"])
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"{path}: cannot resume from it ({type(e).__name__}: {reason})") from None
-
-
-def rewrite_log(path: Path, upto: int, last: dict) -> None:
-    """Make the log end where the checkpoint we resume from ends: drop evaluations logged after it (the run was
-    killed between writing the log and the checkpoint) and lines cut short, and put the checkpoint's own back."""
-    kept = []
-    if path.exists():
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(entry, dict) and isinstance(entry.get("iter"), int) and entry["iter"] < upto:
-                kept.append(line)
-    kept.append(json.dumps(last))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
-
-
-def train(args) -> GPT:
-    """Train, as one process or as one rank of a torchrun job; returns the trained model."""
-    out_dir = Path(args.out_dir)
-    ckpt_path = out_dir / "ckpt.pt"
-    resumed = None
-    if args.resume:
-        resumed = load_checkpoint(str(ckpt_path))
-        missing = [k for k in ("args", "config", "model", "optimizer", "codec", "iter_num", "best_val_loss",
-                               "metrics", "rng") if k not in resumed]
-        if "args" not in missing:
-            saved = resumed["args"] if isinstance(resumed["args"], dict) else {}
-            missing += [f"args.{name}" for name in RUN_FLAGS if name not in saved]
-        if missing:
-            raise CheckpointError(f"{ckpt_path}: cannot resume from it, it has no {', '.join(missing)}")
-        for name in RUN_FLAGS:  # the run is defined by the checkpoint, not by this call's flags
-            setattr(args, name, resumed["args"][name])
-    rank, world, device = setup_distributed(pick_device(args.device))
-    master = rank == 0  # the one process that logs and writes checkpoints
-    if args.batch_size % (args.grad_accum * world):
-        raise DataError(f"--batch-size {args.batch_size} must be a multiple of --grad-accum {args.grad_accum} "
-                        f"x {world} processes")
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    if args.dtype != "auto":
-        dtype = args.dtype
-    else:
-        dtype = "bfloat16" if device_type == "cuda" or cpu_has_bf16() else "float32"
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    # Each rank its own dropout noise. The initial weights need not agree: DDP copies rank 0's to the others.
-    torch.manual_seed(args.seed + rank)
-
-    codec = codec_from_checkpoint(resumed, ckpt_path, args.codec_weights) if resumed else None
-    codec, tokenizer, train_set, val_set = prepare_data_once(args, device, codec, rank, world)
-    seq_len = train_set.tokens.shape[1]
-    cfg = GPTConfig(vocab_size=tokenizer.vocab_size, max_seq_len=seq_len - 1, dim=args.dim, depth=args.depth,
-                    heads=args.heads, dim_head=args.dim_head, dropout=args.dropout)
-    model = GPT(cfg).to(device)
-    attention = args.attention if args.attention != "auto" else ("fused" if device_type == "cuda" else "explicit")
-    model.set_attention(attention)
-    # weight decay on matrices only, not on norm gains and biases (as in nanoGPT)
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device_type == "cuda")
-    batches = torch.Generator().manual_seed(args.seed)  # which notes go in each batch, the same on every rank
-
-    start_iter, best_val = 0, float("inf")
-    if resumed:
-        start_iter, best_val = restore(resumed, ckpt_path, cfg, model, optimizer, batches, rank, device_type)
-        if master:
-            rewrite_log(out_dir / "log.jsonl", start_iter, resumed["metrics"])
-            print(f"resuming from {ckpt_path} at iteration {start_iter}")
-
-    raw_model = model  # what is evaluated and saved, without DDP's or torch.compile's wrapper
-    if args.compile:
-        # raw_model is what gets saved, so the checkpoint's keys carry no "_orig_mod." prefix
-        model = torch.compile(model)
-    if world > 1:
-        # DDP gives every rank rank 0's weights, then averages the gradients over the ranks inside backward().
-        # The buffers (rotary tables, causal mask) follow from the config, so they need no broadcasting.
-        model = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda" else None,
-                    broadcast_buffers=False)
-    micro_batch = args.batch_size // (args.grad_accum * world)  # notes per rank and micro-step
-
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        print(f"{len(train_set)} training notes, {len(val_set)} validation notes, {seq_len - 1} tokens each "
-              f"({codec.kind} codec, {codec.levels} levels); model {raw_model.num_params() / 1e6:.2f}M parameters; "
-              f"{device}, {dtype}, {attention} attention"
-              + (f"; {world} processes x {args.grad_accum} micro-steps of {micro_batch} notes" if world > 1 else ""))
-
-    def global_mean(x: torch.Tensor) -> float:
-        """x averaged over the ranks: the loss of the whole batch, not of this rank's slice of it."""
-        if world > 1:
-            x = x.clone()
-            dist.all_reduce(x)
-            x /= world
-        return x.item()
-
-    def checkpoint(it: int, metrics: dict) -> dict:
-        ckpt = {"model": raw_model.state_dict(), "config": asdict(cfg), "tokenizer": tokenizer.state(),
-                "codec": codec.identity(), "iter_num": it, "best_val_loss": best_val, "metrics": metrics,
-                "args": vars(args)}
-        return ckpt
-
-    train_loss_sum, train_loss_count = torch.zeros((), device=device), 0
-    t0 = time.time()
-    bar = tqdm(total=args.max_iters, initial=start_iter, desc="training", unit="step",
-               disable=None if master else True)
-    it = start_iter
-    while True:
-        # (the checkpoint and the log already hold the evaluation of the iteration a run resumes at)
-        if (it % args.eval_interval == 0 or it == args.max_iters) and not (resumed and it == start_iter):
-            train_loss = global_mean(train_loss_sum / train_loss_count) if train_loss_count else None
-            rng = {"torch": torch.get_rng_state()}
-            if device_type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state()
-            rank_rngs = [rng]
-            if world > 1:
-                rank_rngs = [None] * world
-                dist.all_gather_object(rank_rngs, rng)
-            if master:
-                metrics = evaluate(raw_model, val_set.tokens, tokenizer, args.eval_batch_size, device, autocast)
-                metrics = {"iter": it, "train_loss": train_loss, **metrics, "lr": lr_at(it, args),
-                           "elapsed_s": round(time.time() - t0, 2)}
-                with open(out_dir / "log.jsonl", "a") as log:
-                    log.write(json.dumps(metrics) + "\n")
-                tqdm.write(f"iter {it}: val loss {metrics['val_loss']:.4f} (levels "
-                           + ", ".join(f"{x:.3f}" for x in metrics["val_loss_per_level"])
-                           + f"), accuracy {metrics['val_accuracy']:.3f}")
-                if metrics["val_loss"] < best_val:
-                    best_val = metrics["val_loss"]
-                    save_atomically(checkpoint(it, metrics), out_dir / "best.pt")
-                ckpt = checkpoint(it, metrics)
-                ckpt["optimizer"] = optimizer.state_dict()
-                ckpt["rng"] = {**rng, "batches": batches.get_state()}
-                if world > 1:
-                    ckpt["rng"]["ranks"] = rank_rngs
-                save_atomically(ckpt, ckpt_path)
-            train_loss_sum.zero_()
-            train_loss_count = 0
-        if it >= args.max_iters:
-            break
-
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(it, args)
-        # Every rank draws the same global batch, so which notes a step sees does not depend on the number of
-        # processes; each rank then takes its own slice of every micro-step.
-        idx = torch.randint(len(train_set), (args.batch_size,), generator=batches)
-        # condition dropout is drawn for the whole batch too, so that every rank agrees on it
-        notes = tokenizer.drop_conditions(train_set.tokens[idx], args.cond_dropout, batches)
-        for micro, batch in enumerate(notes.view(args.grad_accum, world, micro_batch, -1)[:, rank]):
-            batch = batch.to(device, non_blocking=True)
-            if world > 1:
-                # DDP all-reduces the gradients inside backward(). Before the last micro-step they only add up
-                # locally, so syncing them there would be wasted traffic: sync once per step (as nanoGPT does).
-                model.require_backward_grad_sync = micro == args.grad_accum - 1
-            with autocast:
-                logits = model(batch[:, :-1])
-            # the condition tokens are inputs, not predictions: only the codes are targets
-            targets = batch[:, 1:].clone()
-            targets[:, :tokenizer.prefix - 1] = -100   # cross_entropy's ignore_index
-            # / grad_accum: the summed gradients of the micro-steps are then those of the mean loss of the batch
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()) / args.grad_accum
-            loss.backward()
-            train_loss_sum += loss.detach()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        train_loss_count += 1
-        it += 1
-        bar.update(1)
-        if it % 10 == 0:  # .item() waits for the GPU, so not every step
-            bar.set_postfix(loss=f"{global_mean(train_loss_sum / train_loss_count):.3f}")
-    bar.close()
-    if master:
-        print(f"done: best validation loss {best_val:.4f} nats/token; checkpoints in {out_dir}/")
-    return raw_model
 
 
 def main(argv=None) -> None:

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
+import prepare  # noqa: E402
 
 REAL_GUITAR = ROOT.parent / "shared" / "data" / "real-guitar"
 needs_real_guitar = pytest.mark.skipif(not REAL_GUITAR.is_dir(),
@@ -21,7 +22,7 @@ needs_real_guitar = pytest.mark.skipif(not REAL_GUITAR.is_dir(),
 
 @pytest.fixture(scope="session")
 def synthetic_folder(tmp_path_factory) -> Path:
-    return data.make_synthetic(tmp_path_factory.mktemp("synthetic") / "notes", num_notes=24, seed=1, seconds=1.0)
+    return prepare.make_synthetic(tmp_path_factory.mktemp("synthetic") / "notes", num_notes=24, seed=1, seconds=1.0)
 
 
 @pytest.fixture(scope="session")

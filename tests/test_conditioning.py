@@ -11,11 +11,13 @@ import torch
 
 import data
 from conftest import run
-from model import GPT, GPTConfig, classifier_free_guidance, load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
+from model import GPT, GPTConfig, classifier_free_guidance
+from tokenizer import NSYNTH_SOURCES, CodecTokenizer
 
 
 def tokenizer():
-    return data.CodecTokenizer(2, conditions=True)
+    return CodecTokenizer(2, conditions=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -72,8 +74,9 @@ def test_dataset_puts_the_labels_in_the_tokens(synthetic_folder, fitted_codec):
     for i, f in enumerate(ds.files):
         family, source, rest = f.stem.split("_")
         _, pitch, velocity = rest.split("-")
-        assert ds.tokens[i, 1:4].tolist() == [tok.pitch0 + int(pitch), tok.velocity0 + int(velocity),
-                                              tok.source0 + data.NSYNTH_SOURCES.index(source)]
+        pitch_first, velocity_first, source_first = tok.condition_firsts
+        assert ds.tokens[i, 1:4].tolist() == [pitch_first + int(pitch), velocity_first + int(velocity),
+                                              source_first + NSYNTH_SOURCES.index(source)]
     ds.files = [f.with_name("unlabelled.wav") for f in ds.files]
     unlabelled = data.TokenDataset(data.EncodedFiles(encoded.codes, [f.with_name(f"x{i}.wav") for i, f in
                                                                      enumerate(encoded.files)], []), tok)
@@ -88,7 +91,7 @@ def conditional(trained):
     _, out, _ = trained
     ckpt = load_checkpoint(str(out / "best.pt"))
     assert ckpt["tokenizer"]["conditions"] is True               # recorded in the checkpoint
-    return model_from_checkpoint(ckpt).eval(), data.CodecTokenizer(**ckpt["tokenizer"])
+    return model_from_checkpoint(ckpt).eval(), CodecTokenizer(**ckpt["tokenizer"])
 
 
 def test_condition_tokens_reach_the_model(conditional):
@@ -187,7 +190,7 @@ def test_sample_rejects_bad_condition_flags(trained, tmp_path, flags, message):
 
 def test_conditions_on_an_unconditional_model_are_refused(tmp_path):
     """A checkpoint trained --unconditional says so instead of ignoring --pitch."""
-    tok = data.CodecTokenizer(2)
+    tok = CodecTokenizer(2)
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, max_seq_len=20, dim=32, depth=1, heads=1, dim_head=32))
     codec = data.Codec.untrained(1.5, seed=0, codebooks=torch.randn(2, 1024, 128))
     torch.save({"model": model.state_dict(), "config": vars(model.cfg), "tokenizer": tok.state(),

@@ -9,6 +9,7 @@ import soundfile as sf
 import torch
 
 import data
+import prepare
 from conftest import REAL_GUITAR, needs_real_guitar
 
 
@@ -197,8 +198,8 @@ def test_nsynth_labels_from_names_and_examples_json(tmp_path):
 
 def test_synthetic_notes_are_deterministic_labelled_and_in_tune(tmp_path):
     """make_synthetic is reproducible, names notes like NSynth, and each note sounds at its labelled pitch."""
-    a = data.make_synthetic(tmp_path / "a", num_notes=12, seed=3, seconds=1.0)
-    b = data.make_synthetic(tmp_path / "b", num_notes=12, seed=3, seconds=1.0)
+    a = prepare.make_synthetic(tmp_path / "a", num_notes=12, seed=3, seconds=1.0)
+    b = prepare.make_synthetic(tmp_path / "b", num_notes=12, seed=3, seconds=1.0)
     files_a, files_b = data.find_audio(a), data.find_audio(b)
     assert [f.name for f in files_a] == [f.name for f in files_b] and len(files_a) == 12
     assert (a / "valid").is_dir() and (a / "train").is_dir()

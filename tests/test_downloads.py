@@ -1,4 +1,4 @@
-"""Tests for data.py's downloads, NSynth preparation and codec weights, against a throwaway HTTP server on 127.0.0.1.
+"""Tests for prepare.py's downloads and NSynth preparation, and data.py's codec weights, against a throwaway HTTP server on 127.0.0.1.
 
 Nothing here touches the internet: every URL points at the local server (or at a closed local port), and torch.hub
 writes into a temporary TORCH_HOME.
@@ -26,8 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import data  # noqa: E402
-from data import Codec, DataError, download, extract_zip, prepare_nsynth, sha256_of  # noqa: E402
+import prepare  # noqa: E402
+from data import Codec, DataError  # noqa: E402
+from prepare import download, extract_zip, prepare_nsynth, sha256_of  # noqa: E402
 
 BODY = random.Random(0).randbytes(300_000)   # more than a few of download()'s 64 KiB reads
 BODY_SHA = hashlib.sha256(BODY).hexdigest()
@@ -290,8 +291,8 @@ def test_prepare_nsynth_downloads_and_extracts_once(server, tmp_path, monkeypatc
 
     check_nsynth_folder(folder, files)
     # what --data nsynth-guitar then trains on (download() must not be reached: the folder exists)
-    monkeypatch.setattr(data, "download", lambda *a, **k: pytest.fail("resolve_data tried to download"))
-    splits = data.resolve_data("nsynth-guitar", tmp_path)
+    monkeypatch.setattr(prepare, "download", lambda *a, **k: pytest.fail("resolve_data tried to download"))
+    splits = prepare.resolve_data("nsynth-guitar", tmp_path)
     assert sorted(p.name for p in splits["train"]) == sorted(NOTES["nsynth-guitar-train"])
     assert sorted(p.name for p in splits["valid"]) == sorted(NOTES["nsynth-guitar-valid"])
 

@@ -1,15 +1,19 @@
 """Crash safety: SIGKILL at random moments, exact resume, encoding killed half-way, and damaged checkpoints."""
 import ast
+import io
 import os
 import random
+import struct
 import subprocess
 import sys
 import time
+import zipfile
 
 import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import data
 import sample
 import train
@@ -126,22 +130,36 @@ def damaged(tmp_path_factory, reference_run):
     """Folders holding a damaged ckpt.pt each, by what is wrong with it."""
     root = tmp_path_factory.mktemp("damaged")
     good = (reference_run / "ckpt.pt").read_bytes()
-    base = torch.load(reference_run / "ckpt.pt", weights_only=True)
-    cases = {"empty": b"", "truncated": good[:len(good) // 2]}
+    base = checkpoint.load_checkpoint(reference_run / "ckpt.pt")
+    cases = {"empty": b"", "truncated": good[:len(good) // 2], "flipped": flip_a_weight_byte(good)}
     for name, content in cases.items():
         (root / name).mkdir()
         (root / name / "ckpt.pt").write_bytes(content)
     for name, obj in (("pickled", {**base, "extra": Payload(root / "marker")}),
-                      ("other-model", {**base, "config": {**base["config"], "dim": 48}}),
-                      ("other-run", {**base, "args": {**base["args"], "dim": 48}}),
                       ("not-a-dict", [1, 2, 3])):
         (root / name).mkdir()
         torch.save(obj, root / name / "ckpt.pt")
+    # written as train.py writes (with a digest of what they hold), but not for the model this run builds
+    for name, obj in (("other-model", {**base, "config": {**base["config"], "dim": 48}}),
+                      ("other-run", {**base, "args": {**base["args"], "dim": 48}})):
+        (root / name).mkdir()
+        checkpoint.save_checkpoint(obj, root / name / "ckpt.pt")
     return root
 
 
+def flip_a_weight_byte(zip_bytes: bytes) -> bytes:
+    """The checkpoint with one bit changed in the middle of its largest tensor's bytes (the zip entries that
+    torch.save writes are stored uncompressed, so the tensor data sits in the file as it is)."""
+    archive = zipfile.ZipFile(io.BytesIO(zip_bytes))
+    entry = max(archive.infolist(), key=lambda e: e.file_size)
+    name_len, extra_len = struct.unpack("<HH", zip_bytes[entry.header_offset + 26:entry.header_offset + 30])
+    middle = entry.header_offset + 30 + name_len + extra_len + entry.file_size // 2
+    return zip_bytes[:middle] + bytes([zip_bytes[middle] ^ 0x10]) + zip_bytes[middle + 1:]
+
+
 EXPECTED = {"empty": "empty file", "truncated": "truncated", "not-a-dict": "not a checkpoint",
-            "pickled": "refused: it holds a pickled object (posix.system)"}
+            "pickled": "refused: it holds a pickled object (posix.system)",
+            "flipped": "damaged: its contents no longer match the SHA-256 digest saved with them"}
 
 
 @pytest.mark.parametrize("case", sorted(EXPECTED))
@@ -171,6 +189,22 @@ def test_checkpoint_for_another_model_is_one_line(damaged, fast_data_dir):
     message = str(exit.value.code)
     assert message.startswith(f"error: {path}: made for another model") and "dim 32 != 48" in message
     assert "\n" not in message
+
+
+def test_a_flipped_byte_loads_silently_in_torch_but_not_here(damaged, reference_run):
+    """torch checks no checksum of tensor data: the file with one bit changed in a weight loads without complaint,
+    with a different weight. load_checkpoint's digest catches it; a checkpoint without a digest (written before
+    digests were saved) still loads."""
+    path = damaged / "flipped" / "ckpt.pt"
+    flipped = torch.load(path, weights_only=True)
+    good = torch.load(reference_run / "ckpt.pt", weights_only=True)
+    contents = lambda ckpt: checkpoint.digest({k: v for k, v in ckpt.items() if k != "digest"})  # noqa: E731
+    assert flipped["digest"] == good["digest"] and contents(flipped) != contents(good)
+    with pytest.raises(checkpoint.CheckpointError, match="damaged"):
+        checkpoint.load_checkpoint(path)
+    old_style = damaged / "old-style.pt"
+    torch.save({k: v for k, v in good.items() if k != "digest"}, old_style)
+    assert checkpoint.load_checkpoint(old_style)["iter_num"] == good["iter_num"]
 
 
 def test_pickled_checkpoint_as_the_user_sees_it(damaged):

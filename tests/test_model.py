@@ -11,12 +11,13 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import GPT, GPTConfig, dropout, sample_next  # noqa: E402
+from model import GPT, Dropout, GPTConfig, cheap_dropout, sample_next  # noqa: E402
+from sample import CompiledDecoder  # noqa: E402
 
 x_transformers = pytest.importorskip("x_transformers")
 from x_transformers import AutoregressiveWrapper, Decoder, TransformerWrapper  # noqa: E402
 
-ATTENTION = ["explicit", "fused"]
+ATTENTION = ["explicit", "fast", "fused"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -219,26 +220,24 @@ def test_chunked_cached_forward_matches_uncached(attention):
 
 
 def test_compiled_decode_generates_like_eager():
-    """compile_decode (torch.compile of the static-shape decode; a CUDA graph with mode='reduce-overhead' on a GPU)
-    samples exactly the tokens of eager decoding with the same seed, and its logits match within float tolerance."""
+    """sample.CompiledDecoder (torch.compile of the static-shape decode; a CUDA graph with mode='reduce-overhead' on
+    a GPU) samples exactly the tokens of eager decoding with the same seed, and its logits match within float
+    tolerance."""
     torch.manual_seed(21)
-    model = small_gpt("fused", max_seq_len=24, depth=1)
-    compiled = small_gpt("fused", max_seq_len=24, depth=1)
-    compiled.load_state_dict(model.state_dict())
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, compiled = model.to(device), compiled.to(device)
-    compiled.compile_decode(mode="reduce-overhead" if device == "cuda" else None)
+    model = small_gpt("fused", max_seq_len=24, depth=1).to(device)
+    compiled = CompiledDecoder(model, mode="reduce-overhead" if device == "cuda" else None)
     prompt = torch.randint(0, 100, (3, 2), device=device)
     for temperature in (0.0, 1.0):
         eager = model.generate(prompt, 20, temperature=temperature,
                                generator=torch.Generator(device).manual_seed(5))
-        got = compiled.generate(prompt, 20, temperature=temperature,
-                                generator=torch.Generator(device).manual_seed(5))
+        got = model.generate(prompt, 20, temperature=temperature, decoder=compiled,
+                             generator=torch.Generator(device).manual_seed(5))
         assert torch.equal(eager, got)
-    with torch.no_grad():
+    with torch.inference_mode():
         caches = compiled.new_caches(3, 21)
-        compiled.prefill(prompt, caches)
-        logits = compiled.compiled_decode(prompt[:, -1], torch.tensor([2], device=device), caches)
+        model.prefill(prompt, caches)
+        logits = compiled.decode_one_token(prompt[:, -1], 2, caches)
         caches = model.new_caches(3, 21)
         model.prefill(prompt, caches)
         torch.testing.assert_close(logits, model.decode_one_token(prompt[:, -1], 2, caches), atol=1e-4, rtol=0)
@@ -302,17 +301,39 @@ def test_generate_restores_training_mode():
 # 5. explicit vs fused attention
 
 @pytest.mark.parametrize("train", [False, True])
-def test_explicit_and_fused_attention_agree(train):
-    """The explicit and fused (SDPA) attention paths give the same logits, in eval and in train mode (dropout 0)."""
+def test_explicit_fast_and_fused_attention_agree(train):
+    """The textbook, fast and fused (SDPA) attention paths give the same logits, in eval and in train mode
+    (dropout 0)."""
     torch.manual_seed(7)
     model = small_gpt("explicit", dropout=0.0, dim=96, heads=3, dim_head=32).train(train)
     idx = torch.randint(0, model.cfg.vocab_size, (2, model.cfg.max_seq_len))
     with torch.no_grad():
         explicit = model(idx)
-        model.set_attention("fused")
-        fused = model(idx)
-    assert all(b.attn.fused for b in model.blocks)
-    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=0)
+        for kind in ("fast", "fused"):
+            model.set_attention(kind)
+            assert all(b.attn.kind == kind for b in model.blocks)
+            torch.testing.assert_close(model(idx), explicit, atol=1e-5, rtol=0, msg=kind)
+
+
+def test_fast_attention_switches_every_dropout_to_the_cheap_mask():
+    """set_attention("fast") gives every dropout of the model (embedding, attention weights, MLP) the cheap CPU mask,
+    and the other kinds take it back; in eval mode a dropout is the identity either way."""
+    torch.manual_seed(8)
+    model = small_gpt("fast", dropout=0.3)
+    dropouts = [m for m in model.modules() if isinstance(m, Dropout)]
+    assert len(dropouts) == 1 + 2 * model.cfg.depth and all(d.cheap_mask for d in dropouts)
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 10))
+    with torch.no_grad():
+        fast_eval = model(idx)
+        model.set_attention("explicit")
+        assert not any(d.cheap_mask for d in dropouts)
+        torch.testing.assert_close(model(idx), fast_eval, atol=1e-5, rtol=0)
+        torch.manual_seed(1)
+        a = model.train()(idx)
+        model.set_attention("fast")
+        torch.manual_seed(1)
+        b = model(idx)
+    assert not torch.allclose(a, b)   # another random mask: the cheap one was really used
 
 
 def test_set_attention_rejects_unknown():
@@ -488,13 +509,13 @@ def test_gptconfig_rejects_bad_rotary_dim():
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_cpu_dropout_matches_f_dropout_statistics(p):
-    """Our CPU dropout (16 random bits per element) keeps each element with probability 1 - p, independently,
+def test_cheap_dropout_matches_f_dropout_statistics(p):
+    """The cheap CPU dropout (16 random bits per element) keeps each element with probability 1 - p, independently,
     scales kept ones by 1 / (1 - p) like F.dropout, and passes gradients through the same mask."""
     torch.manual_seed(22)
     x = torch.rand(1_000_000) + 0.5          # no zeros, so zeros in the output are dropped elements
     x.requires_grad_(True)
-    y = dropout(x, p)
+    y = cheap_dropout(x, p)
     kept = y != 0
     assert abs(kept.float().mean().item() - (1 - p)) < 0.003
     torch.testing.assert_close(y[kept], x[kept].detach() / (1 - p))
@@ -502,4 +523,7 @@ def test_cpu_dropout_matches_f_dropout_statistics(p):
     assert abs((pairs[:, 0] * pairs[:, 1]).mean().item() - (1 - p) ** 2) < 0.003
     y.sum().backward()
     torch.testing.assert_close(x.grad, kept.float() / (1 - p))
-    assert torch.equal(dropout(x, 0.0), x) and (dropout(x, 1.0) == 0).all()
+    for q, want in ((0.0, x), (1.0, torch.zeros_like(x))):   # the edges go to nn.Dropout
+        d = Dropout(q).train()
+        d.cheap_mask = True
+        assert torch.equal(d(x), want)

@@ -5,7 +5,7 @@ import torch
 
 from conftest import read_log, run_script
 from model import GPT, GPTConfig
-from data import CodecTokenizer
+from tokenizer import CodecTokenizer
 
 # float32, so that the numbers do not depend on whether the CPU has native bf16; dropout on, so that its random
 # mask is pinned too

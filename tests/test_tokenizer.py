@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data import CODEBOOK_SIZE, CodecTokenizer
+from tokenizer import CODEBOOK_SIZE, CodecTokenizer
 
 
 @st.composite
@@ -37,8 +37,7 @@ def test_each_position_holds_its_levels_ids(codes):
     tokens = tok.encode(codes)
     assert tok.vocab_size == levels * CODEBOOK_SIZE + 1 and tok.bos == levels * CODEBOOK_SIZE
     for p in range(1, tokens.shape[1]):
-        level = tok.level_of(p)
-        assert level == (p - 1) % levels
+        level = (p - 1) % levels
         assert ((tokens[:, p] >= level * CODEBOOK_SIZE) & (tokens[:, p] < (level + 1) * CODEBOOK_SIZE)).all()
         frame = (p - 1) // levels
         assert torch.equal(tokens[:, p] - level * CODEBOOK_SIZE, codes[:, level, frame])  # frame-major order
