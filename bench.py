@@ -4,6 +4,7 @@ Benchmarks: codecgpt side by side with x-transformers and the reference recipe, 
     python bench.py                       # CPU: sampling, training steps, encoding; prints a table
     python bench.py --device cuda         # the same on a GPU, plus compiled decoding, --compile training and MFU
     python bench.py --json bench.json     # also write every number
+    python bench.py --only patterns       # one part: sample, train, encode or patterns
 
 x-transformers is imported here and in the tests only (it is a dev dependency, requirements-dev.txt); codecgpt itself
 never uses it. The reference model (TransformerWrapper + Decoder(rotary_pos_emb=True), dim 256, depth 6, heads 4,
@@ -110,7 +111,8 @@ def report(section: str, name: str, result: dict, per_second: float, unit: str, 
     ROWS.append(row)
     ratio = f"{row['ratio']:6.2f}x vs {baseline}" if base else ""
     extras = "".join(f"  {k} {v:.3g}" for k, v in extra.items() if isinstance(v, float))
-    print(f"  {name:<44} {result['seconds']:8.3f} s  {per_second:10.1f} {unit:<9} "
+    label = f"{section.removeprefix('patterns ')}: {name}" if section.startswith("patterns") else name
+    print(f"  {label:<44} {result['seconds']:8.3f} s  {per_second:10.1f} {unit:<9} "
           f"peak {result['peak_mb']:7.1f} MB  {ratio}{extras}", flush=True)
     return row
 
@@ -295,19 +297,79 @@ def bench_encoding(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Codebook patterns: what a note costs with each (tokenizer.py)
+
+PATTERN_ROWS = [("flatten", 1.5), ("delay", 1.5), ("parallel", 1.5), ("flatten", 6.0), ("delay", 6.0),
+                ("parallel", 6.0)]
+
+
+def bench_patterns(args) -> None:
+    """A note (125 frames, 1.67 s) with each pattern at 1.5 and 6 kbps, reference model size, random weights:
+    decode steps, sampling frames/s at batch 1 and 16 (from BOS, temperature 1, level-restricted), and training
+    throughput at batch 16 (train.py's CPU defaults: fast attention, bf16 autocast where the CPU has it)."""
+    from tokenizer import CodecTokenizer
+    frames = data.DEFAULT_FRAMES
+    device = args.device
+    bf16 = device == "cuda" or torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    autocast = torch.autocast(device, dtype=torch.bfloat16) if bf16 else nullcontext()
+    baseline = "flatten 1.5 kbps"
+    print(f"\ncodebook patterns: a note of {frames} frames, reference model size (dim 256, depth 6, 4 heads)")
+    for pattern, kbps in PATTERN_ROWS:
+        tok = CodecTokenizer(levels=data.BANDWIDTH_LEVELS[kbps], pattern=pattern)
+        length = tok.prefix + tok.steps(frames)
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=tok.vocab_size, max_seq_len=length - 1, dim=REFERENCE["dim"],
+                              depth=REFERENCE["depth"], heads=REFERENCE["heads"], streams=tok.streams)).to(device)
+        name = f"{pattern} {kbps:g} kbps"
+        print(f" {name}: {tok.steps(frames)} decode steps per note, {length - 1} positions")
+        allowed = tok.allowed(length, device)
+        model.eval().set_attention("fused")
+        for batch in args.pattern_batches:
+            prompt = tok.start(batch, device=device)
+            repeats = args.repeats if tok.steps(frames) * batch <= 4000 else 1   # flatten at 6 kbps: 1,000 steps
+            r = timed(lambda: model.generate(prompt, length - tok.prefix, allowed=allowed), repeats, device)
+            report(f"patterns sample b{batch}", name, r, batch * frames / r["seconds"], "frames/s", baseline,
+                   decode_steps=float(tok.steps(frames)),
+                   realtime_factor=batch * frames / data.FRAME_RATE / r["seconds"])
+        model.train().set_attention("fused" if device == "cuda" else "fast")
+        batch = 16
+        tokens = tok.encode(torch.randint(0, 1024, (batch, tok.levels, frames), device=device))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+
+        def step():
+            with autocast:
+                logits = model(tokens[..., :-1])
+            loss = F.cross_entropy(logits.float().flatten(0, -2), tokens[..., 1:].flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        r = timed(step, args.repeats if tok.steps(frames) <= 500 else 1, device)
+        report("patterns train b16", name, r, batch * frames / r["seconds"], "frames/s", baseline,
+               decode_steps=float(tok.steps(frames)), codes_per_s=batch * frames * tok.levels / r["seconds"])
+        del model, opt
+    rows = {(r["section"], r["name"]): r for r in ROWS}
+    xt = rows.get(("sample b1", "x-transformers generate(cache_kv=True)"))
+    delay = rows.get(("patterns sample b1", "delay 1.5 kbps"))
+    if xt and delay:  # the same note (125 frames at 1.5 kbps) from BOS at batch 1, in this run
+        print(f"  delay 1.5 kbps samples a note {xt['seconds'] / delay['seconds']:.2f}x as fast as x-transformers' "
+              "cached generate (flatten, 250 steps)")
+
+
+# ----------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
-    p.add_argument("--only", default="sample,train,encode",
-                   help="comma-separated parts to run, from: sample, train, encode")
+    p.add_argument("--only", default="sample,train,encode,patterns",
+                   help="comma-separated parts to run, from: sample, train, encode, patterns")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per row (the median is reported)")
     p.add_argument("--batches", default=None, help="sampling batch sizes (default: 1,16,64; on CUDA 1,16,64,256)")
     p.add_argument("--naive-max-batch", type=int, default=16,
                    help="largest batch for the naive loop (it takes minutes at batch 64 on a CPU)")
     p.add_argument("--train-batches", default="16,125", help="training batch sizes (125 is the reference's)")
     p.add_argument("--notes", type=int, default=64, help="synthetic notes to encode")
+    p.add_argument("--pattern-batches", default="1,16", help="sampling batch sizes of the pattern rows")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd decoding on CPU (on by default "
                                                          "on CUDA, where it is a CUDA graph)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -318,14 +380,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
     parts = set(args.only.split(","))
-    if not parts <= {"sample", "train", "encode"}:
-        p.error(f"--only: unknown parts {sorted(parts - {'sample', 'train', 'encode'})}")
+    known = {"sample", "train", "encode", "patterns"}
+    if not parts <= known:
+        p.error(f"--only: unknown parts {sorted(parts - known)}")
     args.parts = parts
     if args.batches is None:
         args.batches = "1,16,64,256" if args.device == "cuda" else "1,16,64"
     try:
         args.batches = [int(b) for b in args.batches.split(",")]
         args.train_batches = [int(b) for b in args.train_batches.split(",")]
+        args.pattern_batches = [int(b) for b in args.pattern_batches.split(",")]
     except ValueError:
         p.error("--batches and --train-batches take comma-separated integers")
     return args
@@ -359,6 +423,8 @@ def main(argv=None) -> None:
         bench_training(args)
     if "encode" in args.parts:
         bench_encoding(args)
+    if "patterns" in args.parts:
+        bench_patterns(args)
     print(f"\nbench finished in {time.time() - t0:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": info, "rows": ROWS}, indent=1,

@@ -5,19 +5,21 @@ The codecgpt Transformer: a decoder-only language model over codec tokens.
            -> depth x [ x = x + Attention(LayerNorm(x)) ; x = x + MLP(LayerNorm(x)) ]
            -> LayerNorm -> Linear -> logits (a score for every possible next token)
 
-The architecture is the one the reference recipe built with x-transformers (TransformerWrapper +
-Decoder(rotary_pos_emb=True)), so its weights load into ours (GPT.from_x_transformers) and give the same logits:
-- LayerNorm has a gain and no bias; the MLP is Linear -> exact GELU -> Linear, 4x wide, with biases.
-- Attention is causal (a position sees itself and the positions before it, never a later one) and knows where
-  tokens are only through rotary position embeddings on the first `rotary_dim` dims of every head, with
-  *interleaved* pairs (x0, x1), (x2, x3), ... (GPT-J style); there is no absolute position embedding.
+It is the reference recipe's x-transformers model (TransformerWrapper + Decoder(rotary_pos_emb=True)), whose
+weights load into ours (GPT.from_x_transformers) and give the same logits: LayerNorm with a gain and no bias; an
+MLP Linear -> exact GELU -> Linear, 4x wide; causal attention (a position sees itself and the positions before it,
+never a later one) that knows where tokens are only through rotary position embeddings on the first `rotary_dim`
+dims of every head, in *interleaved* pairs (x0, x1), (x2, x3), ... (GPT-J style).
+
+With the delay and parallel patterns (tokenizer.py) the model reads K token streams side by side: each stream has
+its own embedding table (a step's K embeddings are summed) and its own output layer, so one step predicts K tokens.
 
 Sampling (generate) runs the prompt once and keeps every layer's keys and values in a KVCache, so each new token
 costs one position instead of the whole sequence again.
 
-Reading order: GPTConfig, rotary, explicit_attention (the textbook formula), Attention, MLP, Block, GPT.forward,
-KVCache, GPT.generate, sample_next. The last section, "Faster paths", holds measured speed-ups of the same maths
-(attention="fast") and can be skipped on a first read.
+Reading order: GPTConfig, rotary, explicit_attention (the textbook formula), Attention, KVCache, MLP, Block,
+GPT.forward, GPT.generate, sample_next. The last section, "Faster paths", holds measured speed-ups of the same
+maths (attention="fast"), to skip on a first read.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ ATTENTION_KINDS = ("explicit", "fast", "fused")
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 2049          # token ids the model reads and predicts (tokenizer.CodecTokenizer.vocab_size)
+    vocab_size: int = 2049          # token ids the model reads and predicts, per stream (CodecTokenizer.vocab_size)
     max_seq_len: int = 250          # positions the model ever sees (train.py: the tokens of a note, minus one)
     dim: int = 256
     depth: int = 6
@@ -42,6 +44,7 @@ class GPTConfig:
     dim_head: int = 64              # like x-transformers, independent of dim: inner width = heads * dim_head
     rotary_dim: int | None = None   # dims of each head that rotate; None = dim_head // 2 like x-transformers
     dropout: float = 0.1            # on embeddings, attention weights and the MLP's hidden layer
+    streams: int = 1                # token streams read side by side (CodecTokenizer.streams): 1 for flatten
 
     def __post_init__(self):
         if self.rotary_dim is None:
@@ -124,6 +127,35 @@ class Attention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(B, T, -1))          # heads side by side, then mixed
 
 
+# ----------------------------------------------------------------------------------------------------
+# The key/value cache: what attention keeps of earlier positions while sampling
+
+class KVCache:
+    """Preallocated keys and values of one layer: (batch, heads, max_len, dim_head) each."""
+
+    def __init__(self, batch_size: int, heads: int, max_len: int, dim_head: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (batch_size, heads, max_len, dim_head)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, pos: int | Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, heads, T, dim_head) at positions pos.. and return the keys and values to attend to.
+
+        pos an int: returns the filled prefix [0, pos + T) (eager decoding: no work on empty slots).
+        pos a tensor of T positions: returns the whole buffer, so every call has the same shapes, as
+        torch.compile and CUDA graphs need; the attention mask hides the slots not written yet.
+        """
+        if isinstance(pos, Tensor):
+            self.k.index_copy_(2, pos, k)
+            self.v.index_copy_(2, pos, v)
+            return self.k, self.v
+        end = pos + k.shape[2]
+        self.k[:, :, pos:end] = k
+        self.v[:, :, pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -156,12 +188,14 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # one embedding table and one output layer per stream, stacked: stream k's ids are rows k * vocab_size..
+        self.embed = nn.Embedding(cfg.streams * cfg.vocab_size, cfg.dim)
+        self.register_buffer("stream_offsets", torch.arange(cfg.streams)[:, None] * cfg.vocab_size, persistent=False)
         self.dropout = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, bias=False)
-        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)  # not tied to the embedding
-        # Tables and mask are derived from the config, so they stay out of the state dict (persistent=False).
+        self.head = nn.Linear(cfg.dim, cfg.streams * cfg.vocab_size, bias=False)  # not tied to the embedding
+        # Offsets, tables and mask follow from the config, so they stay out of the state dict (persistent=False).
         self.register_buffer("rotations", rotary_tables(cfg.max_seq_len, cfg.dim_head, cfg.rotary_dim),
                              persistent=False)
         causal = torch.ones(cfg.max_seq_len, cfg.max_seq_len, dtype=torch.bool).tril()  # row i: keys 0..i
@@ -194,13 +228,14 @@ class GPT(nn.Module):
 
     def forward(self, idx: Tensor, pos: int | Tensor = 0, caches: list[KVCache] | None = None) -> Tensor:
         """idx: (B, T) token ids at positions pos, pos + 1, ... -> logits (B, T, vocab_size); the logits at
-        position t score every candidate for the token at t + 1.
+        position t score every candidate for the token at t + 1. Several streams: (B, streams, T) ->
+        (B, streams, T, vocab_size).
 
         With caches (one KVCache per block), keys and values of earlier positions come from the cache and this
         call's are written into it. pos is an int, or a 1-element tensor for static shapes (compiled decoding:
         the same graph serves every position; the caller keeps pos + T <= max_seq_len).
         """
-        T = idx.shape[1]
+        T = idx.shape[-1]
         if isinstance(pos, Tensor):
             if caches is None:
                 raise ValueError("a tensor pos is for decoding with caches")
@@ -219,10 +254,14 @@ class GPT(nn.Module):
             # A single query may attend to every key so far: no mask at all.
             mask = None if T == 1 else self.causal_mask[pos:pos + T, :pos + T]
             causal = pos == 0 and T > 1
-        x = self.dropout(self.embed(idx))
+        # several streams (B, streams, T): each through its own table, then summed
+        x = self.dropout(self.embed(idx + self.stream_offsets).sum(dim=1) if idx.dim() == 3 else self.embed(idx))
         for i, block in enumerate(self.blocks):
             x = block(x, rotations, mask, causal, pos, None if caches is None else caches[i])
-        return self.head(self.norm(x))
+        logits = self.head(self.norm(x))
+        if idx.dim() == 3:
+            logits = logits.view(*x.shape[:2], self.cfg.streams, self.cfg.vocab_size).transpose(1, 2)
+        return logits
 
     # ------------------------------------------------------------------------------------------------
     # Sampling
@@ -234,31 +273,32 @@ class GPT(nn.Module):
                 for _ in range(self.cfg.depth)]
 
     def prefill(self, prompt: Tensor, caches: list[KVCache]) -> Tensor:
-        """Run the whole prompt once, filling the caches; returns the logits of its last position (B, vocab)."""
-        return self(prompt, 0, caches)[:, -1]
+        """Run the whole prompt once, filling the caches; returns the logits of its last position (B, [streams,]
+        vocab)."""
+        return self(prompt, 0, caches)[..., -1, :]
 
     def decode_one_token(self, token: Tensor, pos: int | Tensor, caches: list[KVCache]) -> Tensor:
-        """Run one token (B,) at position pos against the cache; returns its logits (B, vocab).
-        pos a 1-element tensor gives the same shapes at every position (sample.CompiledDecoder)."""
-        return self(token[:, None], pos, caches)[:, -1]
+        """Run one step's token (B,) or tokens (B, streams) at position pos against the cache; returns its logits
+        (B, [streams,] vocab). pos a 1-element tensor gives the same shapes at every position (sample.py's
+        CompiledDecoder)."""
+        return self(token[..., None], pos, caches)[..., -1, :]
 
     @torch.inference_mode()
     def generate(self, prompt: Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, use_kv_cache: bool = True,
                  generator: torch.Generator | None = None, allowed: Tensor | None = None,
                  uncond_prompt: Tensor | None = None, cfg_scale: float = 1.0, decoder=None) -> Tensor:
-        """Sample max_new_tokens after prompt (B, T0); returns (B, T0 + max_new_tokens), prompt included.
+        """Sample max_new_tokens after prompt (B, T0), or (B, streams, T0); returns the prompt and the new tokens,
+        (B, [streams,] T0 + max_new_tokens).
 
-        temperature 0 is greedy. allowed: optional bool tensor (T0 + max_new_tokens, vocab_size); row p says
-        which tokens may be sampled at position p (used to sample only codes of the level a position holds).
-        use_kv_cache=False re-runs the whole sequence for every token, like the reference recipe.
-        uncond_prompt (B, T0) and cfg_scale: classifier-free guidance. The prompt and uncond_prompt (the same
-        prompt with its conditions replaced by "unknown") run as one batch of 2B, both with the cache, and each
-        token is sampled from uncond + cfg_scale * (cond - uncond), then fed to both halves.
-        decoder: what makes the caches and runs each one-token step (new_caches, decode_one_token); by default
-        this model, eagerly; sample.CompiledDecoder runs the step compiled.
+        temperature 0 is greedy. allowed (T0 + max_new_tokens, [streams,] vocab_size) bool: what may be sampled at
+        each position (tokenizer.allowed). use_kv_cache=False re-runs the whole sequence for every token, like the
+        reference. uncond_prompt (the prompt with "unknown" conditions) and cfg_scale: classifier-free guidance;
+        both prompts run as one batch of 2B with the cache, each token is sampled from uncond + cfg_scale *
+        (cond - uncond) and fed to both halves. decoder: what makes the caches and runs each one-token step
+        (new_caches, decode_one_token): this model by default, or sample.py's CompiledDecoder.
         """
-        B, T0 = prompt.shape
+        B, T0 = len(prompt), prompt.shape[-1]
         total = T0 + max_new_tokens
         # The last sampled token is never fed back, so the model sees at most total - 1 positions.
         if total - 1 > self.cfg.max_seq_len:
@@ -266,133 +306,50 @@ class GPT(nn.Module):
                              f"the model has max_seq_len={self.cfg.max_seq_len}")
         guided = uncond_prompt is not None and cfg_scale != 1.0
         if guided and uncond_prompt.shape != prompt.shape:
-            raise ValueError(f"uncond_prompt {tuple(uncond_prompt.shape)} must have the prompt's shape {(B, T0)}")
+            raise ValueError(f"uncond_prompt {tuple(uncond_prompt.shape)} must have the prompt's shape "
+                             f"{tuple(prompt.shape)}")
         decoder = decoder or self
         was_training = self.training
         self.eval()
         # rows B.. hold the unconditional copy when guiding; both copies get the same sampled tokens
-        seqs = torch.empty(2 * B if guided else B, total, dtype=torch.long, device=prompt.device)
-        seqs[:B, :T0] = prompt
+        seqs = torch.empty(2 * B if guided else B, *prompt.shape[1:-1], total, dtype=torch.long, device=prompt.device)
+        seqs[:B, ..., :T0] = prompt
         if guided:
-            seqs[B:, :T0] = uncond_prompt
+            seqs[B:, ..., :T0] = uncond_prompt
         # The cache holds what the layers compute: bf16 under autocast, the weights' dtype otherwise.
         dtype = torch.get_autocast_dtype(prompt.device.type) if torch.is_autocast_enabled(prompt.device.type) else None
         caches = decoder.new_caches(len(seqs), total - 1, dtype) if use_kv_cache else None
-        logits = self.prefill(seqs[:, :T0], caches) if use_kv_cache else self(seqs[:, :T0])[:, -1]
+        logits = self.prefill(seqs[..., :T0], caches) if use_kv_cache else self(seqs[..., :T0])[..., -1, :]
         for pos in range(T0, total):
             if guided:
                 logits = classifier_free_guidance(logits, cfg_scale)
-            token = sample_next(logits, temperature, top_k, top_p, generator, None if allowed is None else allowed[pos])
-            seqs[:, pos] = token.repeat(2) if guided else token
+            rows = logits.flatten(0, -2)  # one row per token to pick: (B, vocab) or (B * streams, vocab)
+            mask = None if allowed is None else allowed[pos].expand(logits.shape).flatten(0, -2)
+            token = sample_next(rows, temperature, top_k, top_p, generator, mask).view(logits.shape[:-1])
+            seqs[..., pos] = torch.cat([token, token]) if guided else token
             if pos + 1 == total:
                 break
             if use_kv_cache:
-                logits = decoder.decode_one_token(seqs[:, pos], pos, caches)
+                logits = decoder.decode_one_token(seqs[..., pos], pos, caches)
             else:
-                logits = self(seqs[:, :pos + 1])[:, -1]
+                logits = self(seqs[..., :pos + 1])[..., -1, :]
         self.train(was_training)
         return seqs[:B]
-
-    # ------------------------------------------------------------------------------------------------
-    # Loading the reference recipe's x-transformers weights
 
     @classmethod
     def from_x_transformers(cls, state_dict: dict[str, Tensor], heads: int, dim_head: int = 64,
                             max_seq_len: int = 250) -> GPT:
-        """Build a GPT from a state dict of x-transformers' TransformerWrapper(attn_layers=Decoder(
-        rotary_pos_emb=True)) (or of an AutoregressiveWrapper around one) and copy every weight.
-
-        heads and dim_head cannot be told apart from the weights (to_q is (heads * dim_head, dim)), so they are
-        given. Raises ValueError naming what does not map when the state dict has anything else.
-        """
-        sd = {k.removeprefix("net."): v for k, v in state_dict.items()}
-        used: set[str] = set()
-
-        def take(key: str) -> Tensor:
-            if key not in sd:
-                raise ValueError(f"x-transformers state dict has no {key!r}: not a rotary Decoder we can map")
-            used.add(key)
-            return sd[key]
-
-        vocab_size, dim = take("token_emb.emb.weight").shape
-        depth = 0
-        while f"attn_layers.layers.{2 * depth}.1.to_q.weight" in sd:
-            depth += 1
-        if depth == 0:
-            raise ValueError("x-transformers state dict has no attention layers (attn_layers.layers.0.1.to_q.weight)")
-        inner = sd["attn_layers.layers.0.1.to_q.weight"].shape[0]
-        if inner != heads * dim_head:
-            raise ValueError(f"to_q has {inner} outputs but heads * dim_head = {heads} * {dim_head}")
-        if "attn_layers.rotary_pos_emb.inv_freq" not in sd:
-            raise ValueError("x-transformers state dict has no rotary_pos_emb: only rotary decoders map to GPT")
-        inv_freq = take("attn_layers.rotary_pos_emb.inv_freq")
-        rotary_dim = 2 * inv_freq.numel()
-        expected = 1.0 / 10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim)
-        if not torch.allclose(inv_freq.float().cpu(), expected):
-            raise ValueError("rotary inv_freq is not base 10000 (xpos / rescaled rotary are not supported)")
-
-        cfg = GPTConfig(vocab_size=vocab_size, max_seq_len=max_seq_len, dim=dim, depth=depth, heads=heads,
-                        dim_head=dim_head, rotary_dim=rotary_dim, dropout=0.0)
-        model = cls(cfg)
-        new = {"embed.weight": take("token_emb.emb.weight"),
-               "norm.weight": take("attn_layers.final_norm.gamma") + 1,  # x-transformers stores gain - 1
-               "head.weight": take("to_logits.weight")}
-        for i in range(depth):
-            a, f, b = f"attn_layers.layers.{2 * i}", f"attn_layers.layers.{2 * i + 1}", f"blocks.{i}"
-            new[f"{b}.norm1.weight"] = take(f"{a}.0.0.gamma") + 1
-            new[f"{b}.attn.qkv.weight"] = torch.cat([take(f"{a}.1.to_{n}.weight") for n in "qkv"])
-            # With one head and dim == dim_head, x-transformers has no to_out (Identity).
-            new[f"{b}.attn.out.weight"] = (take(f"{a}.1.to_out.weight") if f"{a}.1.to_out.weight" in sd
-                                           else torch.eye(dim))
-            new[f"{b}.norm2.weight"] = take(f"{f}.0.0.gamma") + 1
-            for ours, theirs in (("up", "ff.0.0"), ("down", "ff.2")):
-                new[f"{b}.mlp.{ours}.weight"] = take(f"{f}.1.{theirs}.weight")
-                new[f"{b}.mlp.{ours}.bias"] = take(f"{f}.1.{theirs}.bias")
-        unused = sorted(set(sd) - used)
-        if unused:
-            raise ValueError(f"x-transformers state dict has weights GPT cannot map: {', '.join(unused[:8])}"
-                             + (" ..." if len(unused) > 8 else ""))
-        try:
-            model.load_state_dict(new, strict=True)
-        except RuntimeError as e:  # shape mismatch, e.g. an MLP that is not 4x wide
-            raise ValueError(f"x-transformers weights do not fit GPT({cfg}): {e}") from None
-        return model
-
-
-# ----------------------------------------------------------------------------------------------------
-# The key/value cache
-
-class KVCache:
-    """Preallocated keys and values of one layer: (batch, heads, max_len, dim_head) each."""
-
-    def __init__(self, batch_size: int, heads: int, max_len: int, dim_head: int,
-                 dtype: torch.dtype, device: torch.device | str):
-        shape = (batch_size, heads, max_len, dim_head)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-
-    def update(self, pos: int | Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, heads, T, dim_head) at positions pos.. and return the keys and values to attend to.
-
-        pos an int: returns the filled prefix [0, pos + T) (eager decoding: no work on empty slots).
-        pos a tensor of T positions: returns the whole buffer, so every call has the same shapes, as
-        torch.compile and CUDA graphs need; the attention mask hides the slots not written yet.
-        """
-        if isinstance(pos, Tensor):
-            self.k.index_copy_(2, pos, k)
-            self.v.index_copy_(2, pos, v)
-            return self.k, self.v
-        end = pos + k.shape[2]
-        self.k[:, :, pos:end] = k
-        self.v[:, :, pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+        """The reference recipe's model: a GPT with every weight of x-transformers' TransformerWrapper(attn_layers=
+        Decoder(rotary_pos_emb=True)) copied in (checkpoint.gpt_from_x_transformers maps them, key by key)."""
+        from checkpoint import gpt_from_x_transformers  # imported here: checkpoint.py imports this module
+        return gpt_from_x_transformers(state_dict, heads, dim_head, max_seq_len)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Choosing the next token
 
 def classifier_free_guidance(logits: Tensor, scale: float) -> Tensor:
-    """logits (2B, vocab) of [conditional; unconditional] rows -> (B, vocab) = uncond + scale * (cond - uncond).
+    """logits (2B, ...) of [conditional; unconditional] rows -> (B, ...) = uncond + scale * (cond - uncond).
     scale 0 is unconditional sampling, 1 conditional, above 1 pushes further towards the condition."""
     cond, uncond = logits.float().chunk(2)
     return uncond + scale * (cond - uncond)

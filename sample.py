@@ -28,7 +28,7 @@ from checkpoint import CheckpointError, load_checkpoint, load_for_sampling
 from cli import non_negative, pick_device, positive, probability
 from data import FRAME_RATE, HOP, SAMPLE_RATE, Codec, DataError, read_audio
 from model import ATTENTION_KINDS, GPT, KVCache
-from tokenizer import MIDI_VALUES, NSYNTH_SOURCES, CodecTokenizer
+from tokenizer import MIDI_VALUES, NSYNTH_SOURCES, PATTERNS, CodecTokenizer
 
 
 def pitches(text: str) -> list[int]:
@@ -95,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     c.add_argument("--report", action="store_true",
                    help="with --pitch: estimate each note's f0, print the error in cents, write a spectrogram PNG "
                         "beside each WAV and a summary 'pitch accuracy: N of M within 50 cents'")
+    p.add_argument("--pattern", choices=PATTERNS, default=None,
+                   help="the checkpoint's codebook pattern, which sampling always uses; giving another is an error "
+                        "(default: the checkpoint's)")
     p.add_argument("--out-dir", default="samples", help="where sample_{i}.wav go (default: samples)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto = cuda when available (default: auto)")
@@ -122,8 +125,8 @@ def load_model(args) -> tuple[GPT, CodecTokenizer, Codec]:
     return load_for_sampling(args.ckpt, args.codec_weights)
 
 
-def encode_prompt(args, codec: Codec, tokenizer: CodecTokenizer, max_frames: int) -> torch.Tensor:
-    """The first --prompt-seconds of --prompt as code tokens (1, levels * frames), without BOS or conditions."""
+def encode_prompt(args, codec: Codec, max_frames: int) -> torch.Tensor:
+    """The codes of the first --prompt-seconds of --prompt: (1, levels, frames)."""
     frames = round(args.prompt_seconds * FRAME_RATE)
     if not 0 < frames < max_frames:
         raise DataError(f"--prompt-seconds {args.prompt_seconds}: must leave room to continue; this model makes "
@@ -132,7 +135,7 @@ def encode_prompt(args, codec: Codec, tokenizer: CodecTokenizer, max_frames: int
         audio = torch.from_numpy(read_audio(args.prompt, frames * HOP))[None]
     except DataError as e:
         raise DataError(f"--prompt {args.prompt}: {e}") from None
-    return tokenizer.encode(codec.encode(audio).cpu())[:, tokenizer.prefix:]
+    return codec.encode(audio).cpu()
 
 
 def sample(args) -> list[Path]:
@@ -149,12 +152,15 @@ def sample(args) -> list[Path]:
                         "reference's model): --pitch, --velocity and --source need a model trained with them")
     if args.report and args.pitch is None:
         raise DataError("--report measures whether notes have the asked pitch: give --pitch")
-    max_frames = (model.cfg.max_seq_len + 1 - tokenizer.prefix) // tokenizer.levels
+    if args.pattern is not None and args.pattern != tokenizer.pattern:
+        raise DataError(f"--pattern {args.pattern}: {args.xt_checkpoint or args.ckpt} was trained with the "
+                        f"{tokenizer.pattern} pattern (the pattern is taken from the checkpoint)")
+    max_frames = tokenizer.frames(model.cfg.max_seq_len + 1 - tokenizer.prefix)
     frames = max_frames if args.seconds is None else round(args.seconds * FRAME_RATE)
     if not 0 < frames <= max_frames:
         raise DataError(f"--seconds {args.seconds}: this model makes at most {max_frames / FRAME_RATE:.3f} s "
                         f"({max_frames} frames)")
-    prompt_codes = encode_prompt(args, codec, tokenizer, frames) if args.prompt else None
+    prompt_codes = encode_prompt(args, codec, frames) if args.prompt else None
     source = None if args.source is None else NSYNTH_SOURCES.index(args.source)
 
     # one job per note: (file name, pitch or None)
@@ -166,8 +172,9 @@ def sample(args) -> list[Path]:
             name = stem if midi is None else f"{stem}_pitch{midi}"
             jobs.append((f"{name}_{i}.wav" if per_pitch > 1 or midi is None else f"{name}.wav", midi))
 
-    length = tokenizer.prefix + frames * tokenizer.levels
-    allowed = tokenizer.allowed(length, device)
+    length = tokenizer.prefix + tokenizer.steps(frames)
+    allowed = tokenizer.allowed(length, device, given=None if prompt_codes is None else prompt_codes[0])
+    new_frames = frames - (0 if prompt_codes is None else prompt_codes.shape[-1])
     generator = torch.Generator(device).manual_seed(args.seed)
     guided = conditioned and args.cfg != 1.0
     out_dir = Path(args.out_dir)
@@ -178,20 +185,18 @@ def sample(args) -> list[Path]:
             batch = jobs[start:start + args.batch_size]
             n = len(batch)
             pitch = None if args.pitch is None else torch.tensor([midi for _, midi in batch])
-            prompt = tokenizer.start(n, pitch, args.velocity, source, device)
-            if prompt_codes is not None:
-                prompt = torch.cat([prompt, prompt_codes.to(device).expand(n, -1)], dim=1)
+            prompt = tokenizer.prompt(n, pitch, args.velocity, source, codes=prompt_codes, device=device)
             if device == "cuda":
                 torch.cuda.synchronize()
             t = time.time()
-            tokens = model.generate(prompt, length - prompt.shape[1], temperature=args.temperature, top_k=args.top_k,
+            tokens = model.generate(prompt, length - prompt.shape[-1], temperature=args.temperature, top_k=args.top_k,
                                     top_p=args.top_p, use_kv_cache=not args.no_kv_cache, generator=generator,
                                     allowed=allowed, cfg_scale=args.cfg, decoder=decoder,
                                     uncond_prompt=tokenizer.unconditional(prompt) if guided else None)
             if device == "cuda":
                 torch.cuda.synchronize()
             gen_time += time.time() - t
-            new_total += n * (length - prompt.shape[1])
+            new_total += n * (length - prompt.shape[-1]) * tokenizer.streams
             audio = codec.decode(tokenizer.decode(tokens)).clamp(-1, 1).cpu().numpy()
             for (name, midi), wav in zip(batch, audio):
                 path = out_dir / name
@@ -203,7 +208,7 @@ def sample(args) -> list[Path]:
     what = f" (the first {args.prompt_seconds} s from {args.prompt})" if args.prompt else ""
     print(f"wrote {len(written)} notes of {frames / FRAME_RATE:.3f} s{what} to {out_dir}/; "
           f"{new_total / gen_time:.0f} tokens/s" + (" (x2 with guidance)" if guided else "")
-          + f", real-time factor {seconds_audio / total:.2f} "
+          + f", {len(jobs) * new_frames / gen_time:.0f} frames/s, real-time factor {seconds_audio / total:.2f} "
           f"({seconds_audio:.1f} s of audio in {total:.1f} s, codec decoding included)")
     if args.report:
         from pitch import pitch_report

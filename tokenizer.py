@@ -1,26 +1,26 @@
 """
-From codec codes to the token stream the model reads, and back: the codebook interleaving pattern.
+From codec codes to the token streams the model reads, and back: codebook interleaving patterns.
 
 EnCodec describes each 1/75 s frame of audio with one code per codebook ("level"): level 0 a coarse guess, each
-further level a correction of what the levels before it left over. A note is therefore a grid of codes
-(levels x frames), but a language model reads one sequence, one step at a time: the grid has to be laid out in
-some order, the interleaving pattern. MusicGen (Copet et al. 2023, section 2.2) compares several, for K levels and
-T frames:
-- flatten (here, the reference recipe's): frame by frame, level by level, one code per step: K x T steps.
-  Every code sees all levels of the earlier frames and the lower levels of its own frame: the exact
-  autoregressive factorisation, at K times the steps (and K^2 times the attention cost) of the other patterns.
-- delay: all K levels predicted in one step, level k shifted k frames later, so that a code still sees the lower
-  levels of its own frame: T + K - 1 steps.
-- parallel: all K levels of a frame predicted in one step, none of them seeing the others of its frame: T steps.
+further level a correction of what the levels before it left over. A note is therefore a grid of codes (K levels x
+T frames), but a language model produces one step after another, so the grid has to be laid out in steps: the
+interleaving pattern. MusicGen (Copet et al. 2023, section 2.2) compares several; here are three:
 
-A token stream here is BOS, then (with conditions) the note's pitch, velocity and instrument source, then the codes:
+| pattern  | decode steps per note | when the code of level k, frame t is predicted, the model has seen       |
+|----------|-----------------------|--------------------------------------------------------------------------|
+| flatten  | K x T                 | every level of frames < t, and levels < k of frame t (exact)             |
+| delay    | T + K - 1             | levels <= k of frames < t, and levels > k of frames < t - (k' - k) only   |
+| parallel | T                     | every level of frames < t, nothing of frame t                             |
 
-    codes, 2 levels x 3 frames              tokens (conditions=True)
-      level 0:  a0  a1  a2          ->   BOS  pitch  velocity  source  a0  b0  a1  b1  a2  b2
-      level 1:  b0  b1  b2                    |----- condition -----|-frame 0-|-frame 1-|-frame 2-|
+flatten (the reference recipe's, and the default) is the exact autoregressive factorisation, at K times the steps
+and K^2 times the attention cost; its cost grows with the bandwidth. delay and parallel predict all K levels in
+one step (the model reads K streams, one embedding table per level, summed, and has one output layer per level),
+so a note costs about T steps whatever the bandwidth. delay shifts level k by k steps so that a code still sees
+the lower levels of its own frame, which parallel gives up. Where the delay leaves a hole (before a level's first
+code, after its last) the stream holds that level's EMPTY token: never a code, never sampled (allowed() forces
+it), never in the loss (per_code() leaves it out).
 
-Ids: every level has its own ids (token = level * 1024 + code), so that sampling can be restricted to the level a
-position holds (allowed()); BOS = levels * 1024 is no code at all; the condition ids follow it.
+Every stream starts with BOS and, with conditions, the note's pitch, velocity and instrument source.
 """
 from __future__ import annotations
 
@@ -28,30 +28,62 @@ import torch
 from torch import Tensor
 
 CODEBOOK_SIZE = 1024                                  # codes per EnCodec codebook
+PATTERNS = ("flatten", "delay", "parallel")
 CONDITIONS = ("pitch", "velocity", "source")          # the condition tokens, in stream order after BOS
 NSYNTH_SOURCES = ("acoustic", "electronic", "synthetic")
 MIDI_VALUES = 128                                     # pitch and velocity are MIDI numbers 0..127
 
 
 class CodecTokenizer:
-    """Codes (B, levels, frames) <-> token streams (B, prefix + levels * frames), in the flattening pattern.
+    """Codes (B, levels, frames) <-> token streams, and the rules for sampling them.
+
+    pattern "flatten": one stream (B, prefix + levels * frames), frame by frame:
+
+        codes, 2 levels x 3 frames          tokens (conditions=True)
+          level 0:  a0  a1  a2      ->   BOS  pitch  velocity  source  a0  b0  a1  b1  a2  b2
+          level 1:  b0  b1  b2                |----- condition -----|-frame 0-|-frame 1-|-frame 2-|
+
+      Every level has its own ids (token = level * 1024 + code), so sampling can be restricted to the level a
+      position holds; BOS = levels * 1024 is no code; the condition ids follow it. layout "shared" is the
+      reference recipe's (token = code for every level, BOS = 0, which is also code 0; vocab_size 1024), kept to
+      sample the reference notebook's checkpoints.
+
+    pattern "delay": K streams (B, K, prefix + frames + K - 1), level k starting k steps late ("." = EMPTY):
+
+          stream 0:  BOS  pitch  velocity  source  a0  a1  a2  .
+          stream 1:  BOS  pitch  velocity  source  .   b0  b1  b2
+                                         step:     0   1   2   3    (b0 is predicted knowing a0)
+
+    pattern "parallel": K streams (B, K, prefix + frames), frame t of every level at step t:
+
+          stream 0:  BOS  pitch  velocity  source  a0  a1  a2
+          stream 1:  BOS  pitch  velocity  source  b0  b1  b2
+
+      In both multi-stream patterns every stream has the same ids: code 0..1023, EMPTY = 1024, BOS = 1025, then
+      the condition ids; the model's embedding and output layer tell the streams apart.
 
     conditions=True puts a token for the note's MIDI pitch, MIDI velocity and instrument source (NSYNTH_SOURCES)
     after BOS; each has its own ids and its own "unknown" id, used for unlabelled notes, for condition dropout in
     training and for the unconditional pass of classifier-free guidance.
-    layout "levels" (ours) gives every level its own ids. layout "shared" (the reference recipe's) uses
-    token = code for every level and BOS = 0, which is also code 0; vocab_size = 1024. It is kept so that the
-    reference notebook's checkpoints can be sampled.
     """
 
     def __init__(self, levels: int, codebook_size: int = CODEBOOK_SIZE, layout: str = "levels",
-                 conditions: bool = False):
+                 conditions: bool = False, pattern: str = "flatten"):
+        if pattern not in PATTERNS:
+            raise ValueError(f"pattern must be one of {', '.join(PATTERNS)}, got {pattern!r}")
         if layout not in ("levels", "shared"):
             raise ValueError(f"layout must be 'levels' or 'shared', got {layout!r}")
-        if conditions and layout != "levels":
-            raise ValueError("condition tokens need the 'levels' layout")
-        self.levels, self.codebook_size, self.layout, self.conditions = levels, codebook_size, layout, conditions
-        self.bos = levels * codebook_size if layout == "levels" else 0
+        if layout == "shared" and (conditions or pattern != "flatten"):
+            raise ValueError("the 'shared' layout is the reference's: flatten, without condition tokens")
+        self.levels, self.codebook_size, self.layout = levels, codebook_size, layout
+        self.conditions, self.pattern = conditions, pattern
+        self.streams = 1 if pattern == "flatten" else levels      # token streams the model reads side by side
+        if pattern == "flatten":
+            self.empty = None
+            self.bos = levels * codebook_size if layout == "levels" else 0
+        else:
+            self.empty = codebook_size
+            self.bos = codebook_size + 1
         # condition ids follow BOS, each range ending with its "unknown" id: pitch 0..127, velocity 0..127, source
         self.condition_sizes = (MIDI_VALUES, MIDI_VALUES, len(NSYNTH_SOURCES))
         firsts, first = [], self.bos + 1
@@ -63,74 +95,128 @@ class CodecTokenizer:
         self.prefix = 1 + (len(CONDITIONS) if conditions else 0)   # BOS and the condition tokens
         if layout == "shared":
             self.vocab_size = codebook_size
-        else:  # codes, BOS, then the condition ids up to the last "unknown"
+        else:  # codes (and EMPTY), BOS, then the condition ids up to the last "unknown": per stream
             self.vocab_size = int(self.unknown[-1]) + 1 if conditions else self.bos + 1
 
     def state(self) -> dict:
         """What rebuilds this tokenizer: CodecTokenizer(**state()). Saved in checkpoints."""
         return {"levels": self.levels, "codebook_size": self.codebook_size, "layout": self.layout,
-                "conditions": self.conditions}
+                "conditions": self.conditions, "pattern": self.pattern}
 
     # ------------------------------------------------------------------------------------------------
-    # The pattern: codes <-> the body of the stream
+    # The pattern: codes <-> the steps after the prefix
 
-    def interleave(self, codes: Tensor) -> Tensor:
-        """(B, levels, frames) -> (B, levels * frames), frame-major: a0 b0 a1 b1 ..."""
-        return codes.transpose(1, 2).reshape(codes.shape[0], -1)
+    def steps(self, frames: int) -> int:
+        """Decode steps that hold `frames` frames of codes."""
+        return {"flatten": self.levels * frames, "delay": frames + self.levels - 1, "parallel": frames}[self.pattern]
+
+    def frames(self, steps: int) -> int:
+        """Whole frames of codes in `steps` steps (the inverse of steps(); an unfinished frame does not count)."""
+        return max(0, {"flatten": steps // self.levels, "delay": steps - self.levels + 1, "parallel": steps}[self.pattern])
+
+    def interleave(self, codes: Tensor, fill: int | None = None) -> Tensor:
+        """codes (B, levels, frames) laid out in steps: (B, levels * frames) for flatten, (B, levels, steps)
+        for delay and parallel; the delay's holes get `fill` (default: EMPTY)."""
+        B, K, T = codes.shape
+        if self.pattern == "flatten":
+            return codes.transpose(1, 2).reshape(B, -1)                     # a0 b0 a1 b1 ...
+        if self.pattern == "parallel":
+            return codes
+        body = codes.new_full((B, K, self.steps(T)), self.empty if fill is None else fill)
+        for k in range(K):
+            body[:, k, k:k + T] = codes[:, k]                               # level k, k steps late
+        return body
 
     def deinterleave(self, body: Tensor) -> Tensor:
-        """(B, n) in stream order -> (B, levels, n // levels): the inverse of interleave, for token ids or for
-        anything computed per position (the loss of each code). An unfinished last frame is dropped."""
-        frames = body.shape[1] // self.levels
-        return body[:, :frames * self.levels].reshape(len(body), frames, self.levels).transpose(1, 2)
+        """The inverse of interleave: steps (B, [levels,] n) -> (B, levels, frames), for token ids or for anything
+        computed per step (the loss of each code). Holes and an unfinished last frame are left out."""
+        T = self.frames(body.shape[-1])
+        if self.pattern == "flatten":
+            return body[:, :T * self.levels].reshape(len(body), T, self.levels).transpose(1, 2)
+        if self.pattern == "parallel":
+            return body[:, :, :T]
+        return torch.stack([body[:, k, k:k + T] for k in range(self.levels)], dim=1)
 
     def per_code(self, per_target: Tensor) -> Tensor:
-        """Values computed for every next-token target of a stream (B, T - 1), the one at t for token t + 1 (a
-        loss, a hit) -> the values of its codes (B, levels, frames); BOS and the conditions are never targets."""
-        return self.deinterleave(per_target[:, self.prefix - 1:])
+        """Values computed for every next-token target of the streams (B, [levels,] S - 1), the one at step s for
+        the token at s + 1 (a loss, a hit) -> the values of the codes (B, levels, frames). BOS, the conditions and
+        EMPTY are never among them: they are not predicted, or not learned."""
+        return self.deinterleave(per_target[..., self.prefix - 1:])
 
     def _offsets(self, device) -> Tensor:
-        """What is added to each level's codes: (levels, 1)."""
-        step = self.codebook_size if self.layout == "levels" else 0
+        """What is added to each level's codes: (levels, 1). Only the flattening pattern's levels share a stream
+        and need ids of their own."""
+        step = self.codebook_size if self.layout == "levels" and self.pattern == "flatten" else 0
         return (torch.arange(self.levels, device=device) * step)[:, None]
 
     def encode(self, codes: Tensor, pitch=None, velocity=None, source=None) -> Tensor:
-        """codes (B, levels, frames) -> tokens (B, prefix + levels * frames): BOS, the condition tokens when the
-        tokenizer has them (unknown where a label is None or -1), then the codes."""
+        """codes (B, levels, frames) -> tokens: BOS, the condition tokens when the tokenizer has them (unknown
+        where a label is None or -1), then the codes in the pattern's steps. (B, S) for flatten, (B, K, S) else."""
         B, L, _ = codes.shape
         if L != self.levels:
             raise ValueError(f"expected codes of {self.levels} levels, got {L}")
         body = self.interleave(codes.long() + self._offsets(codes.device))
-        return torch.cat([self.start(B, pitch, velocity, source, codes.device), body], dim=1)
+        return torch.cat([self.start(B, pitch, velocity, source, codes.device), body], dim=-1)
 
     def decode(self, tokens: Tensor) -> Tensor:
-        """tokens (B, prefix + n) -> codes (B, levels, n // levels); an unfinished last frame is dropped.
-        Raises ValueError when a token is not a code of its position's level."""
-        codes = self.deinterleave(tokens[:, self.prefix:]) - self._offsets(tokens.device)
+        """tokens -> codes (B, levels, frames); an unfinished last frame is dropped. Raises ValueError when a
+        token is not a code of its position's level."""
+        codes = self.deinterleave(tokens[..., self.prefix:]) - self._offsets(tokens.device)
         if ((codes < 0) | (codes >= self.codebook_size)).any():
             raise ValueError("tokens are not codes of their positions' levels")
         return codes
 
-    def allowed(self, seq_len: int, device=None) -> Tensor:
-        """(seq_len, vocab_size) bool: at position p >= prefix only the codes of the level p holds (the prefix's
-        rows allow nothing). With the shared layout every code is allowed everywhere, as in the reference."""
-        mask = torch.zeros(seq_len, self.vocab_size, dtype=torch.bool, device=device)
-        if self.layout == "shared":
-            mask[self.prefix:] = True
-            return mask
-        for level in range(self.levels):
-            mask[self.prefix + level::self.levels, level * self.codebook_size:(level + 1) * self.codebook_size] = True
+    def allowed(self, seq_len: int, device=None, given: Tensor | None = None) -> Tensor:
+        """What may be sampled at each step: (seq_len, vocab_size) bool for flatten, (seq_len, levels, vocab_size)
+        for delay and parallel. A code step allows the codes of its level, a hole of the delay pattern only
+        EMPTY, the prefix nothing. given: codes (levels, Tg) of the first Tg frames, already known (a recording
+        to continue): their steps allow only that code. With the shared layout every code is allowed everywhere."""
+        C, K, P = self.codebook_size, self.levels, self.prefix
+        if self.pattern == "flatten":
+            mask = torch.zeros(seq_len, self.vocab_size, dtype=torch.bool, device=device)
+            for level in range(K):
+                if self.layout == "shared":
+                    mask[P + level::K, :C] = True
+                else:
+                    mask[P + level::K, level * C:(level + 1) * C] = True
+        else:
+            mask = torch.zeros(seq_len, K, self.vocab_size, dtype=torch.bool, device=device)
+            mask[P:, :, :C] = True
+            if self.pattern == "delay":  # level k holds codes at steps k .. k + frames - 1, EMPTY elsewhere
+                frames = self.frames(seq_len - P)
+                for k in range(K):
+                    for holes in (slice(P, P + k), slice(P + k + frames, seq_len)):
+                        mask[holes, k] = False
+                        mask[holes, k, self.empty] = True
+        if given is not None:
+            known = self.interleave(given[None].long().to(device) + self._offsets(device), fill=-1)[0]
+            known = known if self.pattern == "flatten" else known.T          # (steps, [levels])
+            rows = mask[P:P + len(known)]                                    # a view: writing it writes mask
+            rows[known >= 0] = torch.nn.functional.one_hot(known[known >= 0], self.vocab_size).bool()
         return mask
 
     # ------------------------------------------------------------------------------------------------
     # BOS and the condition tokens
 
     def start(self, batch: int, pitch=None, velocity=None, source=None, device=None) -> Tensor:
-        """The prompt that every sequence starts with: (B, prefix) = BOS [+ condition tokens]."""
-        bos = torch.full((batch, 1), self.bos, dtype=torch.long, device=device)
-        if not self.conditions:
-            return bos
-        return torch.cat([bos, self.condition_tokens(pitch, velocity, source, batch, device)], dim=1)
+        """The prompt that every sequence starts with: BOS [+ condition tokens], (B, prefix) for flatten and
+        (B, K, prefix), the same in every stream, for delay and parallel."""
+        prefix = torch.full((batch, 1), self.bos, dtype=torch.long, device=device)
+        if self.conditions:
+            prefix = torch.cat([prefix, self.condition_tokens(pitch, velocity, source, batch, device)], dim=1)
+        return prefix if self.pattern == "flatten" else prefix[:, None].expand(-1, self.streams, -1).clone()
+
+    def prompt(self, batch: int, pitch=None, velocity=None, source=None, codes: Tensor | None = None,
+               device=None) -> Tensor:
+        """What generation starts from: start(), then the steps that hold only codes of `codes` (1, levels, Tp),
+        a recording to continue. The delay pattern's later steps that hold some of them are left to generate,
+        with allowed(given=codes[0]) forcing the known ones."""
+        prompt = self.start(batch, pitch, velocity, source, device)
+        if codes is None:
+            return prompt
+        body = self.encode(codes.to(device))[..., self.prefix:]
+        known = codes.shape[-1] if self.pattern == "delay" else self.steps(codes.shape[-1])
+        return torch.cat([prompt, body[..., :known].expand(batch, *body.shape[1:-1], known)], dim=-1)
 
     def condition_tokens(self, pitch, velocity, source, batch: int = 1, device=None) -> Tensor:
         """(B, 3) condition tokens. Each of pitch, velocity (MIDI 0..127), source (index into NSYNTH_SOURCES) is an
@@ -146,13 +232,14 @@ class CodecTokenizer:
 
     def drop_conditions(self, tokens: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
         """A copy of tokens in which each condition token is independently replaced by its "unknown" id with
-        probability p (condition dropout: one model learns conditional and unconditional generation)."""
+        probability p (condition dropout: one model learns conditional and unconditional generation). In every
+        stream alike."""
         if not self.conditions or p == 0:
             return tokens
         drop = torch.rand(tokens.shape[0], len(CONDITIONS), generator=generator) < p
+        drop = drop.view(len(tokens), *[1] * (tokens.dim() - 2), len(CONDITIONS)).to(tokens.device)
         tokens = tokens.clone()
-        given = tokens[:, 1:self.prefix]
-        tokens[:, 1:self.prefix] = torch.where(drop.to(tokens.device), self.unknown.to(tokens.device), given)
+        tokens[..., 1:self.prefix] = torch.where(drop, self.unknown.to(tokens.device), tokens[..., 1:self.prefix])
         return tokens
 
     def unconditional(self, tokens: Tensor) -> Tensor:
@@ -160,5 +247,5 @@ class CodecTokenizer:
         if not self.conditions:
             return tokens
         tokens = tokens.clone()
-        tokens[:, 1:self.prefix] = self.unknown.to(tokens.device)
+        tokens[..., 1:self.prefix] = self.unknown.to(tokens.device)
         return tokens

@@ -5,6 +5,7 @@ Train codecgpt: encode a folder of notes into EnCodec tokens, then teach the Tra
     python train.py --data synthetic --codec untrained     # offline: generated notes, untrained codec
     python train.py --resume                               # continue from out/ckpt.pt
     python train.py --unconditional                        # no pitch/velocity/source tokens, like the reference
+    python train.py --pattern delay --bandwidth 6          # 8 codebooks, all predicted in each step (tokenizer.py)
     torchrun --standalone --nproc_per_node=4 train.py      # 4 GPUs on one machine (DistributedDataParallel)
 
 By default every note starts with BOS and its pitch, velocity and source tokens (tokenizer.py), so that sample.py
@@ -36,20 +37,20 @@ from tqdm import tqdm
 
 from checkpoint import (CheckpointError, atomic_write, codec_from_checkpoint, load_checkpoint, save_checkpoint)
 from cli import non_negative, pick_device, positive, probability_or_zero
-from data import (DEFAULT_FRAMES, FRAME_RATE, Codec, DataError, EncodedFiles, TokenDataset, cache_path,
-                  encode_files, load_codec_for_training, report_skipped)
+from data import (BANDWIDTH_LEVELS, DEFAULT_FRAMES, FRAME_RATE, Codec, DataError, EncodedFiles, TokenDataset,
+                  cache_path, encode_files, load_codec_for_training, report_skipped)
 from model import ATTENTION_KINDS, GPT, GPTConfig
 from prepare import resolve_data
-from tokenizer import CodecTokenizer
+from tokenizer import PATTERNS, CodecTokenizer
 
 
 def next_token_loss(model: torch.nn.Module, tokens: Tensor, tokenizer: CodecTokenizer) -> tuple[Tensor, Tensor]:
-    """The loss, for training and evaluation alike: the cross-entropy (nats) of every code of tokens (B, T) given
-    the tokens before it, as (B, levels, frames), and the logits (B, T - 1, vocab) it came from."""
-    logits = model(tokens[:, :-1])               # the logits at position t score the candidates for token t + 1
-    targets = tokens[:, 1:]
-    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
-    return tokenizer.per_code(loss), logits      # BOS and the conditions are inputs only: just the codes count
+    """The loss, for training and evaluation alike: the cross-entropy (nats) of every code of tokens (B, [streams,]
+    T) given the tokens before it, as (B, levels, frames), and the logits (B, [streams,] T - 1, vocab)."""
+    logits = model(tokens[..., :-1])             # the logits at position t score the candidates for token t + 1
+    targets = tokens[..., 1:]
+    loss = F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), reduction="none").view(targets.shape)
+    return tokenizer.per_code(loss), logits      # only codes count: not BOS, the conditions or the delay's EMPTY
 
 
 def train(args) -> GPT:
@@ -67,10 +68,10 @@ def train(args) -> GPT:
 
     # The data: notes -> codec -> codes (cached on disk) -> one token sequence per note
     codec, tokenizer, train_set, val_set = prepare_data_once(args, device, resumed, rank, world)
-    seq_len = train_set.tokens.shape[1]
+    seq_len = train_set.tokens.shape[-1]
     # The model, and AdamW with weight decay on matrices only, not on norm gains and biases (as nanoGPT)
     cfg = GPTConfig(vocab_size=tokenizer.vocab_size, max_seq_len=seq_len - 1, dim=args.dim, depth=args.depth,
-                    heads=args.heads, dim_head=args.dim_head, dropout=args.dropout)
+                    heads=args.heads, dim_head=args.dim_head, dropout=args.dropout, streams=tokenizer.streams)
     model = GPT(cfg).to(device)
     attention = args.attention if args.attention != "auto" else ("fused" if device_type == "cuda" else "fast")
     model.set_attention(attention)
@@ -91,8 +92,9 @@ def train(args) -> GPT:
     model = wrap_for_compile_and_ddp(model, args.compile, world, device)
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
-        print(f"{len(train_set)} training notes, {len(val_set)} validation notes, {seq_len - 1} tokens each "
-              f"({codec.kind} codec, {codec.levels} levels); model {raw_model.num_params() / 1e6:.2f}M parameters; "
+        print(f"{len(train_set)} training notes, {len(val_set)} validation notes, {seq_len - 1} steps each "
+              f"({codec.kind} codec, {codec.levels} levels, {tokenizer.pattern} pattern); "
+              f"model {raw_model.num_params() / 1e6:.2f}M parameters; "
               f"{device}, {dtype}, {attention} attention"
               + (f"; {world} processes x {args.grad_accum} micro-steps of {micro_batch} notes" if world > 1 else ""))
 
@@ -118,7 +120,8 @@ def train(args) -> GPT:
                            "lr": lr_at(it, args), "elapsed_s": round(time.time() - t0, 2)}
                 with open(out_dir / "log.jsonl", "a") as log:
                     log.write(json.dumps(metrics) + "\n")
-                tqdm.write(f"iter {it}: val loss {metrics['val_loss']:.4f} (levels "
+                tqdm.write(f"iter {it}: val loss {metrics['val_loss']:.4f} nats/code, "
+                           f"{metrics['val_nats_per_frame']:.3f} nats/frame (levels "
                            + ", ".join(f"{x:.3f}" for x in metrics["val_loss_per_level"])
                            + f"), accuracy {metrics['val_accuracy']:.3f}")
                 if metrics["val_loss"] < best_val:
@@ -136,7 +139,7 @@ def train(args) -> GPT:
             group["lr"] = lr_at(it, args)
         idx = torch.randint(len(train_set), (args.batch_size,), generator=batches)
         notes = tokenizer.drop_conditions(train_set.tokens[idx], args.cond_dropout, batches)
-        for micro, batch in enumerate(notes.view(args.grad_accum, world, micro_batch, -1)[:, rank]):
+        for micro, batch in enumerate(notes.view(args.grad_accum, world, micro_batch, *notes.shape[1:])[:, rank]):
             if world > 1:
                 # DDP all-reduces the gradients inside backward(). Before the last micro-step they only add up
                 # locally, so syncing them there would be wasted traffic: sync once per step (as nanoGPT does).
@@ -157,7 +160,7 @@ def train(args) -> GPT:
             bar.set_postfix(loss=f"{global_mean(train_loss_sum / steps, world):.3f}")
     bar.close()
     if master:
-        print(f"done: best validation loss {best_val:.4f} nats/token; checkpoints in {out_dir}/")
+        print(f"done: best validation loss {best_val:.4f} nats/code; checkpoints in {out_dir}/")
     return raw_model
 
 
@@ -166,8 +169,9 @@ def train(args) -> GPT:
 
 @torch.no_grad()
 def evaluate(model: GPT, tokens: Tensor, tokenizer: CodecTokenizer, batch_size: int, device: str, autocast) -> dict:
-    """next_token_loss over every validation note: the mean (nats/token), the mean of each codec level, and how
-    often the most likely token is the right one."""
+    """next_token_loss over every validation note: the mean (nats per code), the mean of each codec level, their
+    sum (nats per frame: the number that compares patterns and bandwidths fairly), and how often the most likely
+    code is the right one."""
     model.eval()
     loss_sum = torch.zeros(tokenizer.levels, device=device)
     correct = torch.zeros((), device=device)
@@ -176,12 +180,12 @@ def evaluate(model: GPT, tokens: Tensor, tokenizer: CodecTokenizer, batch_size: 
         with autocast:
             loss, logits = next_token_loss(model, batch, tokenizer)
         loss_sum += loss.sum(dim=(0, 2))
-        correct += tokenizer.per_code(logits.argmax(-1) == batch[:, 1:]).sum()
+        correct += tokenizer.per_code(logits.argmax(-1) == batch[..., 1:]).sum()
     model.train()
     codes_per_level = len(tokens) * loss.shape[2]
     per_level = (loss_sum / codes_per_level).tolist()
     return {"val_loss": sum(per_level) / len(per_level), "val_loss_per_level": per_level,
-            "val_accuracy": correct.item() / (codes_per_level * len(per_level))}
+            "val_nats_per_frame": sum(per_level), "val_accuracy": correct.item() / (codes_per_level * len(per_level))}
 
 
 def lr_at(it: int, args) -> float:
@@ -213,7 +217,8 @@ def precision(dtype: str, device_type: str) -> tuple[str, object]:
 
 # Flags that define the data and the model: on --resume they come from the checkpoint.
 RUN_FLAGS = ("data", "data_dir", "synthetic_notes", "codec", "bandwidth", "seconds",
-             "dim", "depth", "heads", "dim_head", "dropout", "unconditional", "cond_dropout")
+             "dim", "depth", "heads", "dim_head", "dropout", "unconditional", "cond_dropout", "pattern")
+OLDER_RUN_FLAGS = {"pattern": "flatten"}  # flags added later: a checkpoint without them had these values
 
 
 def checkpoint_to_resume(args) -> dict | None:
@@ -224,13 +229,13 @@ def checkpoint_to_resume(args) -> dict | None:
     resumed = load_checkpoint(path)
     missing = [k for k in ("args", "config", "model", "optimizer", "codec", "iter_num", "best_val_loss",
                            "metrics", "rng") if k not in resumed]
+    saved = resumed["args"] if isinstance(resumed.get("args"), dict) else {}
     if "args" not in missing:
-        saved = resumed["args"] if isinstance(resumed["args"], dict) else {}
-        missing += [f"args.{name}" for name in RUN_FLAGS if name not in saved]
+        missing += [f"args.{name}" for name in RUN_FLAGS if name not in saved and name not in OLDER_RUN_FLAGS]
     if missing:
         raise CheckpointError(f"{path}: cannot resume from it, it has no {', '.join(missing)}")
     for name in RUN_FLAGS:  # the run is defined by the checkpoint, not by this call's flags
-        setattr(args, name, resumed["args"][name])
+        setattr(args, name, saved.get(name, OLDER_RUN_FLAGS.get(name)))
     return resumed
 
 
@@ -308,7 +313,7 @@ def prepare_data(args, device: str, codec: Codec | None = None, verbose: bool = 
         except DataError as e:
             raise DataError(f"--data {args.data}: {e}") from None
     codec.to(device)
-    tokenizer = CodecTokenizer(codec.levels, conditions=not args.unconditional)
+    tokenizer = CodecTokenizer(codec.levels, conditions=not args.unconditional, pattern=args.pattern)
     encoded = {}
     for name in ("train", "valid"):
         cache = cache_path(cache_dir, name, files[name], codec, frames)
@@ -419,8 +424,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="pretrained: EnCodec 24 kHz weights (downloaded once); untrained: same network, random "
                         "weights, codebooks fitted to the data, for offline runs (default: pretrained)")
     d.add_argument("--codec-weights", default=None, help="local encodec_24khz-d7cc33bc.th instead of downloading")
-    d.add_argument("--bandwidth", type=float, default=1.5, choices=(1.5, 3.0, 6.0),
-                   help="EnCodec bandwidth in kbps: 1.5, 3 or 6 = 2, 4 or 8 codebooks (default: 1.5)")
+    d.add_argument("--bandwidth", type=float, default=1.5, choices=sorted(BANDWIDTH_LEVELS),
+                   help="EnCodec bandwidth in kbps: 1.5, 3, 6, 12 or 24 = 2, 4, 8, 16 or 32 codebooks (default: 1.5)")
+    d.add_argument("--pattern", choices=PATTERNS, default="flatten",
+                   help="how the codebooks are laid out in steps (tokenizer.py): flatten (one code per step, the "
+                        "reference's), delay (all codebooks each step, codebook k k steps late) or parallel (all "
+                        "codebooks each step) (default: flatten)")
     d.add_argument("--seconds", type=positive(float), default=DEFAULT_FRAMES / FRAME_RATE,
                    help="seconds of each note to learn, from its start (default: 1.667 = 125 frames, the reference)")
     m = p.add_argument_group("model (the reference size by default)")
