@@ -3,8 +3,9 @@ Benchmarks: codecgpt side by side with x-transformers and the reference recipe, 
 
     python bench.py                       # CPU: sampling, training steps, encoding; prints a table
     python bench.py --device cuda         # the same on a GPU, plus compiled decoding, --compile training and MFU
-    python bench.py --json bench.json     # also write every number
+    python bench.py --json bench.json     # also write every number (rewritten after every row)
     python bench.py --only patterns       # one part: sample, train, encode or patterns
+    python bench.py --device cuda --quick # the GPU check's short run (.ci/gpu): the rows of the H100 targets
 
 x-transformers is imported here and in the tests only (it is a dev dependency, requirements-dev.txt); codecgpt itself
 never uses it. The reference model (TransformerWrapper + Decoder(rotary_pos_emb=True), dim 256, depth 6, heads 4,
@@ -30,12 +31,14 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import soundfile as sf
 import torch
 import torch.nn.functional as F
 
 import data
 import prepare
+from checkpoint import atomic_write
 from model import GPT, GPTConfig
 from sample import CompiledDecoder
 
@@ -100,6 +103,7 @@ def timed(fn, repeats: int, device: str, warmup: int = 1) -> dict:
 
 
 ROWS: list[dict] = []
+SAVE_ROWS = None   # main() sets it with --json: every row is written at once, so a run cut short keeps its rows
 
 
 def report(section: str, name: str, result: dict, per_second: float, unit: str, baseline: str | None = None,
@@ -114,6 +118,8 @@ def report(section: str, name: str, result: dict, per_second: float, unit: str, 
     label = f"{section.removeprefix('patterns ')}: {name}" if section.startswith("patterns") else name
     print(f"  {label:<44} {result['seconds']:8.3f} s  {per_second:10.1f} {unit:<9} "
           f"peak {result['peak_mb']:7.1f} MB  {ratio}{extras}", flush=True)
+    if SAVE_ROWS:
+        SAVE_ROWS()
     return row
 
 
@@ -143,7 +149,8 @@ def naive_generate(net, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
 
 
 def bench_sampling(args) -> None:
-    print(f"\nsampling {SAMPLE_TOKENS} tokens from BOS, reference model, float32, temperature 1, no filtering")
+    new = args.sample_tokens
+    print(f"\nsampling {new} tokens from BOS, reference model, float32, temperature 1, no filtering")
     net, wrapper, ours = reference_models(args.device)
     no_filter = lambda logits, **kwargs: logits  # noqa: E731
     ours.set_attention("fused")
@@ -154,7 +161,7 @@ def bench_sampling(args) -> None:
         section = f"sample b{batch}"
         print(f" batch {batch}:")
         prompt = torch.zeros(batch, 1, dtype=torch.long, device=args.device)
-        tokens = batch * SAMPLE_TOKENS
+        tokens = batch * new
         audio = tokens * SECONDS_PER_TOKEN
 
         def row(name, fn, repeats=args.repeats, baseline="x-transformers generate(cache_kv=True)"):
@@ -164,17 +171,17 @@ def bench_sampling(args) -> None:
 
         with torch.inference_mode():
             row("x-transformers generate(cache_kv=True)",
-                lambda: wrapper.generate(prompt, SAMPLE_TOKENS, filter_logits_fn=no_filter, cache_kv=True),
+                lambda: wrapper.generate(prompt, new, filter_logits_fn=no_filter, cache_kv=True),
                 baseline=None)
         if batch <= args.naive_max_batch:
             # The naive loop grows quadratically: at batch 16 one run takes ~40 s on 2 cores, so it runs once there.
-            row("reference naive loop (no cache)", lambda: naive_generate(net, prompt, SAMPLE_TOKENS),
+            row("reference naive loop (no cache)", lambda: naive_generate(net, prompt, new),
                 repeats=args.repeats if batch == 1 else 1)
         else:
             print(f"  {'reference naive loop (no cache)':<44} skipped (--naive-max-batch {args.naive_max_batch})")
-        row("codecgpt generate (KV cache)", lambda: ours.generate(prompt, SAMPLE_TOKENS))
+        row("codecgpt generate (KV cache)", lambda: ours.generate(prompt, new))
         if compiled is not None:
-            row("codecgpt generate (compiled decode)", lambda: ours.generate(prompt, SAMPLE_TOKENS, decoder=compiled))
+            row("codecgpt generate (compiled decode)", lambda: ours.generate(prompt, new, decoder=compiled))
         naive = next((r for r in ROWS if r["section"] == section and r["name"].startswith("reference naive")), None)
         for r in ROWS:
             if naive and r["section"] == section and r["name"].startswith("codecgpt"):
@@ -198,6 +205,8 @@ def bench_training(args) -> None:
     configs = [("reference", REFERENCE["dim"], REFERENCE["depth"], REFERENCE["heads"], args.train_batches)]
     if device == "cuda":
         configs.append(("dim 512 depth 12", 512, 12, 8, [32]))
+    elif args.quick:  # .ci/gpu --cpu tests the script on a CPU: a size whose steps take milliseconds
+        configs = [("tiny dim 64 depth 2", 64, 2, 2, args.train_batches)]
     for label, dim, depth, heads, batches in configs:
         for batch in batches:
             section = f"train {label} b{batch}"
@@ -220,23 +229,33 @@ def bench_training(args) -> None:
             def row(name, model, autocast=nullcontext(), baseline="x-transformers float32"):
                 repeats = args.repeats if batch <= 32 else max(1, args.repeats - 1)
                 r = timed(step_fn(model, autocast), repeats, device, warmup=2 if "compile" in name else 1)
-                extra = {}
+                flops = train_flops_per_token(model, dim, depth, seq) * batch * seq / r["seconds"]
+                extra = {"tflops": flops / 1e12}
                 if device == "cuda":
-                    flops = train_flops_per_token(model, dim, depth, seq) * batch * seq / r["seconds"]
                     extra["mfu"] = flops / H100_BF16_FLOPS
                 report(section, name, r, batch * seq / r["seconds"], "tokens/s", baseline, **extra)
 
-            for flash in (False, True):
+            # x-transformers as the reference runs it (float32), with its flash attention, and with flash under
+            # bf16 autocast (the fairest comparison for our bf16 rows)
+            xt_rows = [(False, "float32"), (True, "float32"), (True, "bfloat16")]
+            if args.quick:
+                xt_rows = [(False, "float32"), (True, "bfloat16" if bf16_ok else "float32")]
+            for flash, dtype in xt_rows:
+                if dtype == "bfloat16" and not bf16_ok:
+                    continue
                 torch.manual_seed(0)
                 xt = TransformerWrapper(num_tokens=REFERENCE["num_tokens"], max_seq_len=seq, emb_dropout=0.1,
                                         attn_layers=Decoder(dim=dim, depth=depth, heads=heads, rotary_pos_emb=True,
                                                             attn_dropout=0.1, ff_dropout=0.1, attn_flash=flash))
-                row("x-transformers float32" + (" attn_flash" if flash else ""), xt.to(device).train(),
-                    baseline=None if not flash else "x-transformers float32")
+                autocast = torch.autocast(device, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+                row(f"x-transformers {dtype}" + (" attn_flash" if flash else ""), xt.to(device).train(), autocast,
+                    baseline=None if not flash and dtype == "float32" else "x-transformers float32")
                 del xt
             variants = [("explicit", "float32"), ("fast", "float32"), ("fused", "float32")]
             if bf16_ok:
                 variants += [("explicit", "bfloat16"), ("fast", "bfloat16"), ("fused", "bfloat16")]
+            if args.quick:  # the fused path is the one train.py takes on CUDA
+                variants = [v for v in variants if v[0] == "fused"]
             for attention, dtype in variants:
                 torch.manual_seed(0)
                 model = GPT(GPTConfig(vocab_size=REFERENCE["num_tokens"], max_seq_len=seq, dim=dim, depth=depth,
@@ -244,7 +263,8 @@ def bench_training(args) -> None:
                 model.set_attention(attention)
                 autocast = torch.autocast(device, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
                 row(f"codecgpt {attention} {dtype}", model, autocast)
-                if device == "cuda" and attention == "fused" and dtype == "bfloat16":
+                if (device == "cuda" or args.compile) and attention == "fused" and dtype == ("bfloat16" if bf16_ok
+                                                                                              else "float32"):
                     row(f"codecgpt {attention} {dtype} --compile", torch.compile(model), autocast)
                 del model
             if not bf16_ok:
@@ -265,14 +285,21 @@ def reference_encode(files: list[Path], codec: data.Codec, frames: int) -> None:
 
 def bench_encoding(args) -> None:
     frames = data.DEFAULT_FRAMES
+    weights = Path(torch.hub.get_dir()) / "checkpoints" / "encodec_24khz-d7cc33bc.th"
     try:
+        if args.quick and not weights.exists():  # no download attempt: the GPU machine has no network
+            raise data.DataError("--quick uses the pretrained weights only when torch.hub has them")
         codec, kind = data.Codec.pretrained(1.5), "pretrained"
     except data.DataError:
         codec, kind = data.Codec.untrained(1.5, seed=0), "untrained (same network, so the same speed)"
     codec.to(args.device)
+    seconds = 2.0 if args.quick else 4.0  # --quick: 1.67 s are encoded, and making longer notes takes CPU time
     with tempfile.TemporaryDirectory() as tmp:
-        folders = [("synthetic 4 s notes", prepare.make_synthetic(Path(tmp) / "notes", num_notes=args.notes, seed=0))]
-        if REAL_GUITAR.is_dir():
+        folders = [(f"synthetic {seconds:g} s notes",
+                    prepare.make_synthetic(Path(tmp) / "notes", num_notes=args.notes, seed=0, seconds=seconds))]
+        if args.quick:
+            pass  # the real notes are not on the GPU machine, and the targets are measured on the synthetic ones
+        elif REAL_GUITAR.is_dir():
             folders.append(("real guitar notes", REAL_GUITAR))
         else:
             print(f"\n(real notes not found at {REAL_GUITAR}: that encoding row is skipped)")
@@ -280,15 +307,23 @@ def bench_encoding(args) -> None:
             files = data.find_audio(folder)
             section = f"encode {label}"
             print(f"\nencoding {len(files)} {label} ({frames} frames each) with the {kind} codec on {args.device}")
-            r = timed(lambda: reference_encode(files, codec, frames), 1, args.device)
-            report(section, "one file at a time, whole file (reference)", r, len(files) / r["seconds"], "notes/s")
-            r = timed(lambda: [codec.encode(torch.from_numpy(data.read_audio(f, frames * data.HOP))[None])
-                               for f in files], 1, args.device)
-            report(section, "one file at a time, first 1.67 s only", r, len(files) / r["seconds"], "notes/s",
-                   "one file at a time, whole file (reference)")
+            if not args.quick:  # one file at a time is the CPU-bound baseline; --quick keeps to the target's rows
+                r = timed(lambda: reference_encode(files, codec, frames), 1, args.device)
+                report(section, "one file at a time, whole file (reference)", r, len(files) / r["seconds"], "notes/s")
+                r = timed(lambda: [codec.encode(torch.from_numpy(data.read_audio(f, frames * data.HOP))[None])
+                                   for f in files], 1, args.device)
+                report(section, "one file at a time, first 1.67 s only", r, len(files) / r["seconds"], "notes/s",
+                       "one file at a time, whole file (reference)")
             r = timed(lambda: data.encode_files(files, codec, frames, desc="bench"), 1, args.device)
             report(section, "codecgpt encode_files (batched)", r, len(files) / r["seconds"], "notes/s",
                    "one file at a time, whole file (reference)")
+            # The codec alone, on audio already read: encode_files also reads and resamples every file on one CPU
+            # core, so this row tells the codec's own speed on the device from the reading's.
+            audio = torch.from_numpy(np.stack([data.read_audio(f, frames * data.HOP) for f in files]))
+            batch = 64 if args.device == "cuda" else 4   # encode_files' batch sizes
+            r = timed(lambda: [codec.encode(chunk) for chunk in audio.split(batch)], 1, args.device)
+            report(section, f"codec.encode only (audio already read, batches of {batch})", r,
+                   len(files) / r["seconds"], "notes/s", "one file at a time, whole file (reference)")
             cache = Path(tmp) / f"cache-{len(ROWS)}.npz"
             data.encode_files(files, codec, frames, cache=cache, desc="bench")
             r = timed(lambda: data.encode_files(files, codec, frames, cache=cache), 3, args.device)
@@ -361,22 +396,46 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
-    p.add_argument("--only", default="sample,train,encode,patterns",
-                   help="comma-separated parts to run, from: sample, train, encode, patterns")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per row (the median is reported)")
+    p.add_argument("--only", default=None,
+                   help="comma-separated parts to run, from: sample, train, encode, patterns (default: all; with "
+                        "--quick sample, train, encode)")
+    p.add_argument("--quick", action="store_true",
+                   help="the GPU check's short run (.ci/gpu; under 3 minutes on one H100): sampling at batch 1 and "
+                        "256 without the naive loop, training at batch 125 (and dim 512 / depth 12 at 32) with the "
+                        "rows the H100 targets compare, 128 notes encoded, 2 timed runs per row. On a CPU (.ci/gpu "
+                        "--cpu, a test of the script) 32 tokens at batches 1 and 4, a tiny model at batch 4, 4 notes, "
+                        "1 timed run per row")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per row, the median is reported (default: "
+                                                             "3; with --quick 2, 1 on a CPU)")
+    p.add_argument("--sample-tokens", type=int, default=None,
+                   help=f"tokens sampled per note (default: {SAMPLE_TOKENS}, the reference's; 32 with --quick on a "
+                        "CPU)")
     p.add_argument("--batches", default=None, help="sampling batch sizes (default: 1,16,64; on CUDA 1,16,64,256)")
-    p.add_argument("--naive-max-batch", type=int, default=16,
-                   help="largest batch for the naive loop (it takes minutes at batch 64 on a CPU)")
-    p.add_argument("--train-batches", default="16,125", help="training batch sizes (125 is the reference's)")
-    p.add_argument("--notes", type=int, default=64, help="synthetic notes to encode")
+    p.add_argument("--naive-max-batch", type=int, default=None,
+                   help="largest batch for the naive loop, which takes minutes at batch 64 on a CPU (default: 16; "
+                        "0 = off with --quick)")
+    p.add_argument("--train-batches", default=None, help="training batch sizes (default: 16,125; 125 is the "
+                                                         "reference's)")
+    p.add_argument("--notes", type=int, default=None, help="synthetic notes to encode (default: 64)")
     p.add_argument("--pattern-batches", default="1,16", help="sampling batch sizes of the pattern rows")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile'd decoding on CPU (on by default "
-                                                         "on CUDA, where it is a CUDA graph)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile'd decoding and training steps on CPU (on by default on CUDA, where "
+                        "decoding is a CUDA graph)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--json", metavar="FILE", help="write all rows and the machine description to FILE")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
+    cuda = args.device == "cuda"
+    quick = {"repeats": 2 if cuda else 1, "batches": "1,256" if cuda else "1,4", "naive_max_batch": 0,
+             "sample_tokens": SAMPLE_TOKENS if cuda else 32, "train_batches": "125" if cuda else "4",
+             "notes": 128 if cuda else 4, "only": "sample,train,encode"}
+    usual = {"repeats": 3, "batches": "1,16,64,256" if cuda else "1,16,64", "naive_max_batch": 16,
+             "sample_tokens": SAMPLE_TOKENS, "train_batches": "16,125", "notes": 64,
+             "only": "sample,train,encode,patterns"}
+    for name, value in (quick if args.quick else usual).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
     parts = set(args.only.split(","))
@@ -384,14 +443,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not parts <= known:
         p.error(f"--only: unknown parts {sorted(parts - known)}")
     args.parts = parts
-    if args.batches is None:
-        args.batches = "1,16,64,256" if args.device == "cuda" else "1,16,64"
+    if args.notes < 1:
+        p.error("--notes must be at least 1")
+    if not 0 < args.sample_tokens <= REFERENCE["max_seq_len"]:
+        p.error(f"--sample-tokens must be in 1..{REFERENCE['max_seq_len']}")
     try:
         args.batches = [int(b) for b in args.batches.split(",")]
         args.train_batches = [int(b) for b in args.train_batches.split(",")]
         args.pattern_batches = [int(b) for b in args.pattern_batches.split(",")]
     except ValueError:
-        p.error("--batches and --train-batches take comma-separated integers")
+        p.error("--batches, --train-batches and --pattern-batches take comma-separated integers")
     return args
 
 
@@ -403,7 +464,8 @@ def machine(device: str) -> dict:
     info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": device, "cpu": cpu,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M")}
     if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
+        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda,
+                    tf32_matmul=torch.backends.cuda.matmul.allow_tf32)  # on for every float32 row (main)
     return info
 
 
@@ -416,20 +478,27 @@ def main(argv=None) -> None:
         torch.backends.cudnn.allow_tf32 = True
     info = machine(args.device)
     print("codecgpt bench: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+    if args.json:
+        global SAVE_ROWS
+        SAVE_ROWS = lambda: write_json(args.json, info)  # noqa: E731
     t0 = time.time()
-    if "sample" in args.parts:
-        bench_sampling(args)
-    if "train" in args.parts:
-        bench_training(args)
-    if "encode" in args.parts:
-        bench_encoding(args)
-    if "patterns" in args.parts:
-        bench_patterns(args)
+    # --quick puts the slowest part (compiling two training steps) last: under a time limit it is the one cut short
+    order = ("encode", "sample", "train") if args.quick else ("sample", "train", "encode", "patterns")
+    parts = {"sample": bench_sampling, "train": bench_training, "encode": bench_encoding, "patterns": bench_patterns}
+    for part in order:
+        if part in args.parts:
+            parts[part](args)
     print(f"\nbench finished in {time.time() - t0:.0f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": info, "rows": ROWS}, indent=1,
-                                              default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))
+        write_json(args.json, info, seconds=round(time.time() - t0, 1))
         print(f"wrote {args.json}")
+
+
+def write_json(path: str, info: dict, **extra) -> None:
+    """The machine and every row so far, replacing the file at once (a run killed mid-write keeps the last one)."""
+    text = json.dumps({"machine": info, **extra, "rows": ROWS}, indent=1,
+                      default=lambda v: None if isinstance(v, float) and math.isnan(v) else v)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import urllib.error
 import warnings
 import zipfile
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -240,14 +241,33 @@ class Codec:
 
     @torch.inference_mode()
     def encode(self, audio: torch.Tensor) -> torch.Tensor:
-        """audio (B, samples) float at 24 kHz -> codes (B, levels, samples // 320) long."""
-        codes, _scale = self.model.encode(audio[:, None].to(self.device))[0]
+        """audio (B, samples) float at 24 kHz -> codes (B, levels, samples // 320) long, in full float32 on a GPU
+        too (exact_float32)."""
+        with exact_float32():
+            codes, _scale = self.model.encode(audio[:, None].to(self.device))[0]
         return codes
 
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, levels, frames) -> audio (B, frames * 320) float at 24 kHz."""
         return self.model.decode([(codes.to(self.device), None)])[:, 0]
+
+
+@contextmanager
+def exact_float32():
+    """TF32 off for CUDA matmuls and cuDNN (convolutions, LSTM) inside the block; the settings come back after.
+
+    EnCodec picks each code as the nearest codebook row by |x|^2 - 2 x.e + |e|^2. For the untrained codec the
+    latents lie much farther from the origin than from their nearest rows, so that subtraction cancels most of
+    the digits and float32 rounding already decides some codes; TF32's 10-bit mantissas (train.py turns TF32 on
+    for the model's matmuls) would decide most of them, so the same notes would get other codes on a GPU.
+    """
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 # ----------------------------------------------------------------------------------------------------

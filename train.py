@@ -96,7 +96,8 @@ def train(args) -> GPT:
               f"({codec.kind} codec, {codec.levels} levels, {tokenizer.pattern} pattern); "
               f"model {raw_model.num_params() / 1e6:.2f}M parameters; "
               f"{device}, {dtype}, {attention} attention"
-              + (f"; {world} processes x {args.grad_accum} micro-steps of {micro_batch} notes" if world > 1 else ""))
+              + (f"; DDP over {dist.get_backend()}: {world} process{'es' if world > 1 else ''} x {args.grad_accum} "
+                 f"micro-steps of {micro_batch} notes" if dist.is_initialized() else ""))
 
     def save(it: int, metrics: dict, path: Path, rng: dict | None = None) -> None:
         ckpt = {"model": raw_model.state_dict(), "config": asdict(cfg), "tokenizer": tokenizer.state(),
@@ -140,7 +141,7 @@ def train(args) -> GPT:
         idx = torch.randint(len(train_set), (args.batch_size,), generator=batches)
         notes = tokenizer.drop_conditions(train_set.tokens[idx], args.cond_dropout, batches)
         for micro, batch in enumerate(notes.view(args.grad_accum, world, micro_batch, *notes.shape[1:])[:, rank]):
-            if world > 1:
+            if isinstance(model, DDP):
                 # DDP all-reduces the gradients inside backward(). Before the last micro-step they only add up
                 # locally, so syncing them there would be wasted traffic: sync once per step (as nanoGPT does).
                 model.require_backward_grad_sync = micro == args.grad_accum - 1
@@ -367,10 +368,11 @@ def prepare_data_once(args, device: str, resumed: dict | None, rank: int, world:
 def setup_distributed(device: str) -> tuple[int, int, str]:
     """(rank, world size, device) of this process. torchrun starts one process per GPU (or per CPU worker) on each
     node and tells each who it is in RANK, LOCAL_RANK and WORLD_SIZE; without torchrun this is rank 0 of 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    # Under torchrun the process group is set up even for one process, so that --nproc_per_node=1 runs the same
+    # NCCL and DDP code as a larger job: that is how a machine with one GPU tests it.
+    if "RANK" not in os.environ:
         return 0, 1, device
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world, rank, local_rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if device == "cuda":
         if local_rank >= torch.cuda.device_count():
             gpus = torch.cuda.device_count()
@@ -388,7 +390,7 @@ def wrap_for_compile_and_ddp(model: GPT, compile: bool, world: int, device: str)
     The unwrapped model is the one saved, so checkpoint keys never carry "_orig_mod." or "module." prefixes."""
     if compile:
         model = torch.compile(model)
-    if world > 1:
+    if dist.is_initialized():  # under torchrun, one process too (setup_distributed)
         # DDP gives every rank rank 0's weights, then averages the gradients over the ranks inside backward().
         # The buffers (rotary tables, causal mask) follow from the config, so they need no broadcasting.
         cuda = device.startswith("cuda")

@@ -47,3 +47,16 @@ def test_two_processes_train_like_one_and_resume(tmp_path, reference_run):
     for key in reference:
         assert torch.equal(final[key], rank0[key]), key
         assert torch.allclose(final[key], reference[key], atol=TOLERANCE), key
+
+
+def test_torchrun_with_one_process_sets_up_ddp(tmp_path, fast_data_dir):
+    """torchrun --nproc_per_node=1 goes through the process group and DDP as a larger job does (gloo here; NCCL on
+    a GPU: tests/test_cuda.py), trains, and saves the model without DDP's "module." prefix."""
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                             str(ROOT / "train.py"), *FAST, "--data-dir", str(fast_data_dir), "--max-iters", "4",
+                             "--out-dir", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "DDP over gloo: 1 process x 1 micro-steps of 8 notes" in result.stdout
+    assert [e["iter"] for e in read_log(out)] == list(range(5))
+    assert not any(key.startswith("module.") for key in torch.load(out / "ckpt.pt", weights_only=True)["model"])
