@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +39,10 @@ def _figure(width_inches: float, height_inches: float):
 
 def spectrogram(audio: np.ndarray, sr: int, path: str | Path, title: str,
                 marks: dict[str, float] | None = None) -> Path:
-    """Write the spectrogram of mono audio to path (PNG, 640 x 300 pixels). marks = {label: Hz} draws a labelled
-    horizontal line at each frequency (e.g. the asked and the measured pitch); a NaN or out-of-range one is left
-    out. Levels are in dB relative to full scale: a full-scale sine reads 0 dB."""
+    """Write the spectrogram of mono audio to path (PNG, 640 x 300 pixels) under title (one or two lines; a line
+    too long for the picture loses its middle). marks = {label: Hz} draws a labelled horizontal line at each
+    frequency (e.g. the asked and the measured pitch); a NaN or out-of-range one is left out. Levels are in dB
+    relative to full scale: a full-scale sine reads 0 dB."""
     audio = np.nan_to_num(np.asarray(audio, dtype=np.float64))
     n_fft = 1 << math.ceil(math.log2(0.08 * sr))  # frames of at least 80 ms, so that 30 to 100 Hz notes resolve
     hop = n_fft // 8
@@ -55,7 +57,7 @@ def spectrogram(audio: np.ndarray, sr: int, path: str | Path, title: str,
     loudest = max(db.max(), -100.0)  # silence stays dark instead of being scaled up to full colour
 
     fig = _figure(6.4, 3.0)
-    fig.subplots_adjust(left=0.11, right=1.0, bottom=0.15, top=0.91)
+    fig.subplots_adjust(left=0.11, right=1.0, bottom=0.15, top=0.87)
     ax = fig.add_subplot()
     mesh = ax.pcolormesh(seconds, hz[shown], db[shown], shading="nearest", cmap="magma", rasterized=True,
                          vmin=loudest - SPECTROGRAM_RANGE_DB, vmax=loudest)
@@ -67,6 +69,7 @@ def spectrogram(audio: np.ndarray, sr: int, path: str | Path, title: str,
     ax.set_xlim(0, len(audio) / sr)
     ax.set_xlabel("time (s)")
     ax.set_ylabel("frequency (Hz)")
+    title = "\n".join(line if len(line) <= 100 else f"{line[:60]}...{line[-37:]}" for line in title.splitlines())
     ax.set_title(title, fontsize=9, parse_math=False)  # a "$" in a file name is no formula
     fig.colorbar(mesh, ax=ax, label="level (dB re full scale)", pad=0.01)
     styles = (("white", "--"), ("cyan", ":"), ("lime", "-."))  # dashed and dotted: two marks at one pitch both show
@@ -78,7 +81,9 @@ def spectrogram(audio: np.ndarray, sr: int, path: str | Path, title: str,
     if drawn:
         ax.legend(loc="upper right", fontsize=8, facecolor="black", labelcolor="white", framealpha=0.6)
     path = Path(path)
-    fig.savefig(path, dpi=100)
+    with warnings.catch_warnings():  # a title character the font lacks (CJK, say) is drawn as a box: no need to warn
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.savefig(path, dpi=100)
     return path
 
 
