@@ -230,7 +230,7 @@ def measure(path: str | Path, midi: int, png_dir: str | Path | None = None, pict
         from figures import spectrogram  # matplotlib, only when drawing
         png = (Path(png_dir) if png_dir is not None else path.parent) / (path.stem + ".png")
         png.parent.mkdir(parents=True, exist_ok=True)
-        title = (f"{path.name}: asked {note_name(result.midi)} ({midi_to_hz(midi):.1f} Hz), "
+        title = (f"{path.name}\nasked {note_name(result.midi)} ({midi_to_hz(midi):.1f} Hz), "
                  + (f"measured {result.f0:.1f} Hz ({result.cents:+.0f} cents)" if result.f0 > 0 else "no pitch found"))
         result.png = spectrogram(audio, sr, png, title, marks={"asked": midi_to_hz(midi), "measured": result.f0})
     return result
