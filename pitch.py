@@ -267,8 +267,13 @@ def pitch_report(notes_asked, out_dir: str | Path | None = None, pictures: bool 
 
 def labelled_folder(folder: str | Path) -> list[tuple[Path, int, int | None]]:
     """(file, midi_pitch, velocity or None) for every row of folder/metadata.csv (columns 'file', 'midi_pitch' and,
-    if it has one, 'velocity': blank where unknown)."""
+    if it has one, 'velocity': blank where unknown) or, in a folder without one, for every audio file under it named
+    like NSynth's notes (guitar_acoustic_014-048-100: pitch 48, velocity 100), such as the synthetic notes."""
     folder = Path(folder)
+    if not (folder / "metadata.csv").exists():
+        from data import find_audio, nsynth_labels  # (imports torch: only for folders without metadata.csv)
+        labelled = [(path, nsynth_labels(path)) for path in find_audio(folder)]
+        return [(path, labels["pitch"], labels["velocity"]) for path, labels in labelled if labels["pitch"] >= 0]
     with open(folder / "metadata.csv", newline="") as f:
         return [(folder / row["file"], int(row["midi_pitch"]), int(row["velocity"]) if row.get("velocity") else None)
                 for row in csv.DictReader(f)]
@@ -280,15 +285,19 @@ def main(argv=None) -> PitchSummary:
     parser.add_argument("files", nargs="*", type=Path, help="audio files, all asked to be at --midi")
     parser.add_argument("--midi", type=int, help="the requested MIDI pitch of FILES (60 = C4 = 261.6 Hz)")
     parser.add_argument("--real", type=Path, metavar="FOLDER",
-                        help="check the measures on a labelled folder instead (its metadata.csv has file, "
-                             "midi_pitch and, optionally, velocity)")
+                        help="check the measures on a labelled folder instead: its metadata.csv (file, midi_pitch "
+                             "and, optionally, velocity) or, without one, its NSynth-named notes")
     parser.add_argument("--png-dir", type=Path, help="write the spectrogram PNGs here (default: beside each file; "
                                                      "with --real, none unless this is given)")
     args = parser.parse_args(argv)
     if args.real is not None:
         if args.files or args.midi is not None:
             parser.error("give either --real FOLDER or FILES --midi N, not both")
-        return pitch_report(labelled_folder(args.real), args.png_dir, pictures=args.png_dir is not None)
+        labelled = labelled_folder(args.real)
+        if not labelled:
+            parser.error(f"--real {args.real}: no metadata.csv and no NSynth-named notes "
+                         "(like guitar_acoustic_014-048-100.wav)")
+        return pitch_report(labelled, args.png_dir, pictures=args.png_dir is not None)
     if not args.files or args.midi is None:
         parser.error("give FILES and --midi N (or --real FOLDER)")
     return pitch_report([(f, args.midi) for f in args.files], args.png_dir)

@@ -220,3 +220,20 @@ def test_loudness_on_the_real_notes_that_carry_a_velocity(show_in_summary):
         audio, sr = pitch.read_mono(path)
         peak, attack = pitch.levels_db(audio, sr)
         assert pitch.levels_db(audio * 0.25, sr) == pytest.approx((peak - 12.041, attack - 12.041), abs=1e-3)
+
+
+def test_command_line_reads_velocities_from_nsynth_names(tmp_path):
+    """A folder without metadata.csv: the NSynth-named notes in it are labelled by their names, so the report ranks
+    their loudness; three sines made louder with velocity rank perfectly, and a folder of no such notes is an error."""
+    sr = 16_000
+    for velocity in (127, 25, 75):
+        sf.write(tmp_path / f"guitar_acoustic_001-064-{velocity:03d}.wav", sine(64, 1.0, sr) * velocity / 127, sr)
+    sf.write(tmp_path / "unlabelled.wav", sine(64, 1.0, sr), sr)
+    run = lambda *args: subprocess.run([sys.executable, str(ROOT / "pitch.py"), *args], capture_output=True, text=True)
+    result = run("--real", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-2:] == ["pitch accuracy: 3 of 3 within 50 cents",
+                                               "loudness vs velocity: rank correlation 1.00 over 3 notes"]
+    (tmp_path / "sub").mkdir()
+    result = run("--real", str(tmp_path / "sub"))
+    assert result.returncode != 0 and "no metadata.csv and no NSynth-named notes" in result.stderr
