@@ -8,7 +8,7 @@ Pictures, drawn with matplotlib: a note's spectrogram and a training run's curve
   evaluations (CurvesWriter); `python train.py --plot OUT_DIR` redraws it from any run's log.
 
 matplotlib is imported inside the functions that draw (with the Agg backend: files only, no screen), because
-importing it takes about a second and train.py starts many times in the tests without drawing anything.
+importing it is slow and train.py starts many times (the tests, torchrun's processes) without drawing anything.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _figure(width_inches: float, height_inches: float):
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib.figure import Figure  # not pyplot: no global state, nothing to close
-    return Figure(figsize=(width_inches, height_inches))  # fixed margins: a layout engine doubles the drawing time
+    return Figure(figsize=(width_inches, height_inches))  # margins set per figure: faster than a layout engine
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -179,9 +179,9 @@ def curves_from_log(out_dir: str | Path) -> Path:
 class CurvesWriter:
     """Redraws OUT_DIR/curves.png from OUT_DIR/log.jsonl after an evaluation (train.py's loop calls update).
 
-    Drawing takes about 0.3 s on a 2-core CPU, so a run that evaluates every step (as the tests do) would spend
-    more time drawing than training: a redraw sooner than min_interval_s after the last one is skipped, except for
-    the run's last evaluation. At the usual --eval-interval (minutes apart) every evaluation is drawn."""
+    Drawing takes longer than a step of a small model, so a run that evaluates every step (as the tests do) would
+    spend more time drawing than training: a redraw sooner than min_interval_s after the last one is skipped, except
+    for the run's last evaluation. At the usual --eval-interval (minutes apart) every evaluation is drawn."""
 
     def __init__(self, out_dir: str | Path, min_interval_s: float = CURVES_MIN_INTERVAL_S):
         self.out_dir = Path(out_dir)

@@ -31,9 +31,9 @@ h1 { font-size: 1.4em; margin: 0 0 .3em; }
 table { border-collapse: collapse; }
 th, td { border-bottom: 1px solid #ddd; padding: .4em .6em; text-align: left; vertical-align: top; }
 td.file { max-width: 22em; overflow-wrap: anywhere; }
-td.measured { white-space: nowrap; }
+td.asked, td.measured { white-space: nowrap; }
 audio { display: block; width: 18em; margin-top: .3em; }
-img { display: block; width: 480px; height: auto; }
+img { display: block; width: 448px; height: auto; }
 .miss { color: #b00020; }
 .hit { color: #17702a; }
 """
@@ -114,7 +114,7 @@ def write_samples_page(args: argparse.Namespace, notes: list[NoteResult], summar
         rows.append(f'<tr id="note{i}"><td>{i}</td>'
                     f'<td class="file"><a href="{link(note.path)}">{esc(note.path.name)}</a>'
                     f'<audio controls preload="metadata" src="{link(note.path)}"></audio></td>'
-                    f"<td>{asked_cell(note, settings)}</td>"
+                    f'<td class="asked">{asked_cell(note, settings)}</td>'
                     f'<td class="measured">{measured_cell(note, summary is not None)}</td>'
                     f"<td>{picture}</td></tr>")
     run = " · ".join(f"{label} {value}" for label, value in settings.items())

@@ -200,6 +200,11 @@ def test_loudness_follows_velocity_on_synthetic_plucks(tmp_path, capsys):
     assert last == summary.loudness_line and n == 20 and r > 0.9
     # one velocity only: no loudness line, the pitch line stays last
     assert pitch.pitch_report([(p, m, 100) for p, m, _ in items[:3]], pictures=False).lines[-1].startswith("pitch")
+    # levels closer than 0.1 dB are equal (no order found in noise): the correlation is undefined, and says so
+    quiet = [pitch.NoteResult(path, midi, velocity, attack_db=-20 + 0.01 * i) for i, (path, midi, velocity)
+             in enumerate(items[:4])]
+    assert pitch.PitchSummary(quiet).loudness_line == ("loudness vs velocity: rank correlation nan over 4 notes "
+                                                       "(undefined: the levels, or the velocities, are all equal)")
 
 
 @needs_real_guitar
