@@ -30,7 +30,7 @@ from cli import non_negative, pick_device, positive, probability
 from data import FRAME_RATE, HOP, SAMPLE_RATE, Codec, DataError, read_audio
 from model import ATTENTION_KINDS, GPT, KVCache
 from page import write_samples_page
-from pitch import NoteResult
+from pitch import NoteResult, pitch_report
 from tokenizer import MIDI_VALUES, NSYNTH_SOURCES, CodecTokenizer
 
 
@@ -216,7 +216,6 @@ def sample(args) -> list[Path]:
           f"({seconds_audio:.1f} s of audio in {total:.1f} s, codec decoding included)")
     summary = None
     if args.report:
-        from pitch import pitch_report
         summary = pitch_report(written)
     notes = summary.notes if summary else [NoteResult(path, midi, velocity) for path, midi, velocity in written]
     print(f"listen: {write_samples_page(args, notes, summary)}")
