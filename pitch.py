@@ -1,23 +1,27 @@
 """
-Does a note come out at the pitch we asked for? Measure it.
+Does a note come out at the pitch we asked for, and louder when asked for a higher velocity? Measure it.
 
     WAV --read_mono--> samples --estimate_f0--> Hz --cents_error(f0, requested midi)--> cents sharp (+) or flat (-)
+                               --levels_db--> peak and attack level (dBFS) --rank_correlation(velocities, levels)
 
 - estimate_f0: the pitch of one plucked note. Praat's autocorrelation pitch tracker (Boersma 1993, through the
   praat-parselmouth package) gives one f0 every 10 ms; we skip the attack (its noisy first 0.1 s), look at the
   next 1.9 s and take the median of the voiced frames. `python pitch.py --real` checks it on labelled notes (the
   README gives its score on the 57 real guitar notes in shared/data/real-guitar). No model weights, nothing
   downloaded.
-- spectrogram_png: a picture of a note (log-frequency STFT), with the asked and the measured pitch marked.
-- pitch_report: all of the above for a list of (WAV, requested MIDI pitch), one line per note and a last line
-  "pitch accuracy: N of M within 50 cents".
+- levels_db: a note's peak level and the RMS level of its attack (the 0.1 s from the onset), in dB relative to full
+  scale. rank_correlation (Spearman's) says how well the attack levels of many notes follow the velocities asked.
+- pitch_report: all of the above for a list of (WAV, requested MIDI pitch[, velocity]), one line per note, a
+  spectrogram per note (figures.spectrogram), the line "pitch accuracy: N of M within 50 cents" and, when notes
+  were asked at several velocities, a last line "loudness vs velocity: rank correlation R over N notes".
 
 Command line:
-    python pitch.py --real ../shared/data/real-guitar     # check the tracker on labelled notes (metadata.csv)
+    python pitch.py --real ../shared/data/real-guitar     # check the measures on labelled notes (metadata.csv)
     python pitch.py FILE.wav --midi 60                     # one (or more) generated notes, PNGs beside them
 
-Needs `pip install praat-parselmouth pillow` (both in requirements.txt; small wheels that depend on numpy only).
-They are imported inside the functions that use them, so midi_to_hz and cents_error work without them.
+Needs praat-parselmouth (a small wheel that depends on numpy only) and, for the pictures, matplotlib (both in
+requirements.txt). They are imported inside the functions that use them, so midi_to_hz, cents_error, levels_db
+and rank_correlation work without them.
 """
 from __future__ import annotations
 
@@ -32,7 +36,10 @@ import soundfile as sf
 
 TOLERANCE_CENTS = 50.0    # a note "obeys" when it is within a quarter tone of the asked pitch
 FMIN, FMAX = 30.0, 4200.0  # search range in Hz: MIDI 23 to 108, wider than a guitar's
-ATTACK_SECONDS = 0.1       # skipped after the onset: the pluck is noise more than pitch
+ATTACK_SECONDS = 0.1       # after the onset: skipped by the pitch tracker (the pluck is noise more than pitch), and
+                           # where a note's loudness is measured (the pluck is where velocity shows)
+LEVEL_FLOOR_DB = -120.0    # what silence reads, below the quietest 16-bit sample (-90 dBFS)
+LEVEL_RESOLUTION_DB = 0.1  # attack levels closer than this rank as equal (a level step people hear is about 1 dB)
 SUSTAIN_SECONDS = 1.9      # then this much is analysed (a generated note is 1.67 s long)
 FRAME_SECONDS = 0.01       # one f0 estimate every 10 ms
 OCTAVE_COST = 0.025        # Praat's bonus per octave for higher pitch candidates (its default: 0.01). On the 57 real
@@ -112,75 +119,34 @@ def estimate_f0(audio: np.ndarray, sr: int, fmin: float = FMIN, fmax: float = FM
 
 
 # ----------------------------------------------------------------------------------------------------
-# A picture of one note
+# The loudness of one note, and whether loudness follows velocity
 
-def _magma(values: np.ndarray) -> np.ndarray:
-    """0..1 -> RGB uint8, black through purple and orange to pale yellow (like matplotlib's 'magma')."""
-    stops = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
-    colours = np.array([[0, 0, 4], [80, 18, 123], [183, 55, 121], [252, 137, 97], [252, 253, 191]])
-    return np.stack([np.interp(values, stops, colours[:, c]) for c in range(3)], axis=-1).astype(np.uint8)
-
-
-def spectrogram_png(audio: np.ndarray, sr: int, path: str | Path, title: str,
-                    marks: dict[str, float] | None = None) -> Path:
-    """Write a spectrogram of audio to path as a PNG: time across, log frequency (30 Hz to sr/2) up, the top
-    80 dB of a 2048 or 4096-point STFT in colour. marks = {label: Hz} draws labelled horizontal lines, e.g. at
-    the asked and the measured pitch. Drawn with Pillow (one small package; matplotlib would add 8 more)."""
-    Image = _need("PIL.Image", "pillow")
-    ImageDraw = _need("PIL.ImageDraw", "pillow")
-    ImageFont = _need("PIL.ImageFont", "pillow")
-    width, height, left, top, bottom = 640, 320, 56, 26, 22
-
-    # STFT magnitude in dB, frames of at least 80 ms so that 30 to 100 Hz notes are resolved
-    n_fft = 1 << math.ceil(math.log2(0.08 * sr))
-    hop = n_fft // 8
+def levels_db(audio: np.ndarray, sr: int) -> tuple[float, float]:
+    """(peak, attack) levels of one note in dB relative to full scale (dBFS): the largest sample anywhere, and the
+    RMS of the ATTACK_SECONDS from the onset, where a harder pluck (a higher MIDI velocity) puts its energy.
+    Silence reads LEVEL_FLOOR_DB; NaN or infinite samples give NaN."""
     audio = np.asarray(audio, dtype=np.float64)
-    padded = np.pad(np.nan_to_num(audio), (n_fft // 2, n_fft // 2 + max(0, n_fft - len(audio))))
-    frames = np.lib.stride_tricks.sliding_window_view(padded, n_fft)[::hop] * np.hanning(n_fft)
-    db = 20 * np.log10(np.abs(np.fft.rfft(frames, axis=1)).T + 1e-10)  # (bins, frames)
-    loudest = max(db.max(), -100.0)  # silence stays black instead of being scaled up to full colour
-    db = np.clip((db - loudest + 80) / 80, 0, 1)
+    if not len(audio) or not np.isfinite(audio).all():
+        return math.nan, math.nan
+    start = onset(audio, sr)
+    attack = audio[start: start + max(1, int(ATTACK_SECONDS * sr))]
+    to_db = lambda x: max(20 * math.log10(x) if x > 0 else -math.inf, LEVEL_FLOOR_DB)
+    return to_db(np.abs(audio).max()), to_db(math.sqrt(np.mean(attack ** 2)))
 
-    # rows at log-spaced frequencies (top row = highest), interpolated between FFT bins
-    f_low, f_high = FMIN, sr / 2
-    row_hz = np.geomspace(f_high, f_low, height)
-    bin_pos = row_hz / (sr / n_fft)
-    lo = np.minimum(bin_pos.astype(int), db.shape[0] - 2)
-    frac = (bin_pos - lo)[:, None]
-    rows = (1 - frac) * db[lo] + frac * db[lo + 1]
-    picture = Image.fromarray(_magma(rows)).resize((width, height), Image.Resampling.BILINEAR)
 
-    canvas = Image.new("RGB", (left + width + 8, top + height + bottom), "white")
-    canvas.paste(picture, (left, top))
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default(size=12)
-    draw.text((left, 6), title, fill="black", font=font)
-
-    def y_of(hz: float) -> float:
-        return top + (math.log(f_high / hz) / math.log(f_high / f_low)) * (height - 1)
-
-    for hz in (50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000):
-        if f_low <= hz <= f_high:
-            y = y_of(hz)
-            draw.line([(left - 4, y), (left, y)], fill="black")
-            draw.text((left - 6, y), f"{hz // 1000}k" if hz >= 1000 else str(hz), fill="black", font=font, anchor="rm")
-    draw.text((4, top + height // 2), "Hz", fill="black", font=font, anchor="lm")
-    seconds = len(audio) / sr
-    step = 0.5 if seconds <= 5 else 2.0
-    for t in np.arange(0, seconds + 1e-9, step):
-        x = left + t / max(seconds, 1e-9) * (width - 1)
-        draw.line([(x, top + height), (x, top + height + 4)], fill="black")
-        draw.text((x, top + height + 5), f"{t:g} s", fill="black", font=font, anchor="mt")
-    for i, ((label, hz), colour) in enumerate(zip((marks or {}).items(), ("white", "cyan", "lime"))):
-        if f_low <= hz <= f_high:  # a NaN pitch is not drawn
-            y = y_of(hz)
-            draw.line([(left, y), (left + width - 1, y)], fill=colour, width=1)
-            # labels alternate right and left, so that two marks at the same pitch stay readable
-            x, anchor = (left + width - 4, "rb") if i % 2 == 0 else (left + 4, "lb")
-            draw.text((x, y - 2), label, fill=colour, font=font, anchor=anchor)
-    path = Path(path)
-    canvas.save(path)
-    return path
+def rank_correlation(x, y) -> float:
+    """Spearman's rank correlation of two equally long sequences: Pearson's correlation of their ranks, tied values
+    sharing the mean of their ranks (as scipy.stats.spearmanr does). NaN when either side has no spread."""
+    def ranks(values):
+        _, inverse, counts = np.unique(np.asarray(values, dtype=np.float64), return_inverse=True, return_counts=True)
+        last = np.cumsum(counts)                     # 1-based rank of the last of each group of equal values
+        return ((last - counts + 1 + last) / 2)[inverse]
+    if len(x) != len(y):
+        raise ValueError(f"rank_correlation needs sequences of one length, got {len(x)} and {len(y)}")
+    rx, ry = ranks(x), ranks(y)
+    if len(rx) < 2 or rx.std() == 0 or ry.std() == 0:
+        return math.nan
+    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -189,11 +155,14 @@ def spectrogram_png(audio: np.ndarray, sr: int, path: str | Path, title: str,
 @dataclass
 class NoteResult:
     path: Path
-    midi: int               # the requested pitch
-    f0: float = math.nan    # the measured pitch in Hz (NaN: none found)
+    midi: int | None            # the requested pitch (None: not asked)
+    velocity: int | None = None  # the requested MIDI velocity (None: not asked or not known)
+    f0: float = math.nan        # the measured pitch in Hz (NaN: none found)
     cents: float = math.nan
+    peak_db: float = math.nan   # levels_db: the peak and the attack's RMS, dBFS
+    attack_db: float = math.nan
     png: Path | None = None
-    problem: str = ""       # why the file could not be measured, if it could not
+    problem: str = ""           # why the file could not be measured, if it could not
 
     @property
     def ok(self) -> bool:
@@ -221,12 +190,37 @@ class PitchSummary:
     def line(self) -> str:
         return f"pitch accuracy: {self.within} of {self.total} within {TOLERANCE_CENTS:g} cents"
 
+    @property
+    def loudness(self) -> tuple[float, int]:
+        """(Spearman's rank correlation of attack level with asked velocity, number of notes it is over): the
+        notes with a known velocity and a measured level. Levels within LEVEL_RESOLUTION_DB of each other count as
+        equal: smaller differences cannot be heard, and ranking them would find an order in rounding noise."""
+        pairs = [(n.velocity, round(n.attack_db / LEVEL_RESOLUTION_DB)) for n in self.notes
+                 if n.velocity is not None and not math.isnan(n.attack_db)]
+        return rank_correlation(*zip(*pairs)) if pairs else math.nan, len(pairs)
 
-def measure(path: str | Path, midi: int, png_dir: str | Path | None = None, pictures: bool = True) -> NoteResult:
-    """Measure one file against its requested MIDI pitch and, if pictures, write its spectrogram PNG
-    (into png_dir, or beside the file when png_dir is None). An unreadable file is a result with a problem."""
+    @property
+    def loudness_line(self) -> str | None:
+        """The loudness summary, when the notes were asked at more than one velocity (else there is nothing to
+        rank): 'loudness vs velocity: rank correlation R over N notes'."""
+        if len({n.velocity for n in self.notes if n.velocity is not None}) < 2:
+            return None
+        r, n = self.loudness
+        line = f"loudness vs velocity: rank correlation {r:.2f} over {n} notes"
+        return line + " (undefined: the levels, or the velocities, are all equal)" if math.isnan(r) else line
+
+    @property
+    def lines(self) -> list[str]:
+        return [self.line] + ([self.loudness_line] if self.loudness_line else [])
+
+
+def measure(path: str | Path, midi: int, png_dir: str | Path | None = None, pictures: bool = True,
+            velocity: int | None = None) -> NoteResult:
+    """Measure one file's pitch against its requested MIDI pitch, and its loudness, and, if pictures, write its
+    spectrogram PNG (into png_dir, or beside the file when png_dir is None). An unreadable file is a result with
+    a problem."""
     path = Path(path)
-    result = NoteResult(path, int(midi))
+    result = NoteResult(path, int(midi), velocity)
     try:
         audio, sr = read_mono(path)
     except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as e:
@@ -234,25 +228,28 @@ def measure(path: str | Path, midi: int, png_dir: str | Path | None = None, pict
         return result
     result.f0 = estimate_f0(audio, sr)
     result.cents = cents_error(result.f0, midi)
+    result.peak_db, result.attack_db = levels_db(audio, sr)
     if pictures:
+        from figures import spectrogram  # matplotlib, only when drawing
         png = (Path(png_dir) if png_dir is not None else path.parent) / (path.stem + ".png")
         png.parent.mkdir(parents=True, exist_ok=True)
-        title = (f"{path.name}: asked {note_name(result.midi)} ({midi_to_hz(midi):.1f} Hz), "
+        title = (f"{path.name}\nasked {note_name(result.midi)} ({midi_to_hz(midi):.1f} Hz), "
                  + (f"measured {result.f0:.1f} Hz ({result.cents:+.0f} cents)" if result.f0 > 0 else "no pitch found"))
-        result.png = spectrogram_png(audio, sr, png, title,
-                                     marks={"asked": midi_to_hz(midi), "measured": result.f0})
+        result.png = spectrogram(audio, sr, png, title, marks={"asked": midi_to_hz(midi), "measured": result.f0})
     return result
 
 
-def pitch_report(wav_paths_with_requested_midi, out_dir: str | Path | None = None,
-                 pictures: bool = True) -> PitchSummary:
-    """For each (audio file, requested MIDI pitch): print file, requested pitch, estimated f0 and the error in
-    cents, and write a spectrogram PNG (beside the file, or into out_dir if given). Ends by printing
-    "pitch accuracy: N of M within 50 cents" (unreadable or pitchless files count as misses)."""
+def pitch_report(notes_asked, out_dir: str | Path | None = None, pictures: bool = True) -> PitchSummary:
+    """For each (audio file, requested MIDI pitch) or (audio file, requested MIDI pitch, requested velocity or
+    None): print file, requested pitch, estimated f0, the error in cents, the velocity and the measured peak and
+    attack levels, and write a spectrogram PNG (beside the file, or into out_dir if given). Ends by printing
+    "pitch accuracy: N of M within 50 cents" (unreadable or pitchless files count as misses) and, when more than
+    one velocity was asked, "loudness vs velocity: rank correlation R over N notes"."""
     notes = []
-    print(f"{'file':<48} {'requested':>16} {'estimated f0':>13} {'error':>12}")
-    for path, midi in wav_paths_with_requested_midi:
-        note = measure(path, midi, out_dir, pictures)
+    print(f"{'file':<48} {'requested':>16} {'estimated f0':>13} {'error':>12} {'velocity':>9} {'peak':>9} "
+          f"{'attack':>9}")
+    for path, midi, *velocity in notes_asked:
+        note = measure(path, midi, out_dir, pictures, velocity[0] if velocity else None)
         notes.append(note)
         asked = f"{note_name(note.midi)} {midi_to_hz(note.midi):.1f} Hz"
         if note.problem:
@@ -261,33 +258,49 @@ def pitch_report(wav_paths_with_requested_midi, out_dir: str | Path | None = Non
             found, error = "no pitch", ""
         else:
             found, error = f"{note.f0:.1f} Hz", f"{note.cents:+.1f} cents" + ("" if note.ok else "  MISS")
-        print(f"{note.path.name:<48} {asked:>16} {found:>13} {error:>12}", flush=True)
+        levels = "" if note.problem else f"{note.peak_db:6.1f} dB {note.attack_db:6.1f} dB"
+        asked_velocity = "-" if note.velocity is None else str(note.velocity)
+        print(f"{note.path.name:<48} {asked:>16} {found:>13} {error:>12} {asked_velocity:>9} {levels}", flush=True)
     summary = PitchSummary(notes)
     print(f"median |error|: {summary.median_abs_cents:.1f} cents")
-    print(summary.line)
+    for line in summary.lines:
+        print(line)
     return summary
 
 
-def labelled_folder(folder: str | Path) -> list[tuple[Path, int]]:
-    """(file, midi_pitch) for every row of folder/metadata.csv (columns 'file' and 'midi_pitch')."""
+def labelled_folder(folder: str | Path) -> list[tuple[Path, int, int | None]]:
+    """(file, midi_pitch, velocity or None) for every row of folder/metadata.csv (columns 'file', 'midi_pitch' and,
+    if it has one, 'velocity': blank where unknown) or, in a folder without one, for every audio file under it named
+    like NSynth's notes (guitar_acoustic_014-048-100: pitch 48, velocity 100), such as the synthetic notes."""
     folder = Path(folder)
+    if not (folder / "metadata.csv").exists():
+        from data import find_audio, nsynth_labels  # (imports torch: only for folders without metadata.csv)
+        labelled = [(path, nsynth_labels(path)) for path in find_audio(folder)]
+        return [(path, labels["pitch"], labels["velocity"]) for path, labels in labelled if labels["pitch"] >= 0]
     with open(folder / "metadata.csv", newline="") as f:
-        return [(folder / row["file"], int(row["midi_pitch"])) for row in csv.DictReader(f)]
+        return [(folder / row["file"], int(row["midi_pitch"]), int(row["velocity"]) if row.get("velocity") else None)
+                for row in csv.DictReader(f)]
 
 
 def main(argv=None) -> PitchSummary:
-    parser = argparse.ArgumentParser(description="Measure the pitch of notes and compare it with the pitch asked for.")
+    parser = argparse.ArgumentParser(description="Measure the pitch and loudness of notes and compare them with the "
+                                                 "pitch (and velocity) asked for.")
     parser.add_argument("files", nargs="*", type=Path, help="audio files, all asked to be at --midi")
     parser.add_argument("--midi", type=int, help="the requested MIDI pitch of FILES (60 = C4 = 261.6 Hz)")
     parser.add_argument("--real", type=Path, metavar="FOLDER",
-                        help="check the tracker on a labelled folder instead (its metadata.csv has file, midi_pitch)")
+                        help="check the measures on a labelled folder instead: its metadata.csv (file, midi_pitch "
+                             "and, optionally, velocity) or, without one, its NSynth-named notes")
     parser.add_argument("--png-dir", type=Path, help="write the spectrogram PNGs here (default: beside each file; "
                                                      "with --real, none unless this is given)")
     args = parser.parse_args(argv)
     if args.real is not None:
         if args.files or args.midi is not None:
             parser.error("give either --real FOLDER or FILES --midi N, not both")
-        return pitch_report(labelled_folder(args.real), args.png_dir, pictures=args.png_dir is not None)
+        labelled = labelled_folder(args.real)
+        if not labelled:
+            parser.error(f"--real {args.real}: no metadata.csv and no NSynth-named notes "
+                         "(like guitar_acoustic_014-048-100.wav)")
+        return pitch_report(labelled, args.png_dir, pictures=args.png_dir is not None)
     if not args.files or args.midi is None:
         parser.error("give FILES and --midi N (or --real FOLDER)")
     return pitch_report([(f, args.midi) for f in args.files], args.png_dir)

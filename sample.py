@@ -5,6 +5,7 @@ Sample new notes from a trained codecgpt model and write them as WAV files.
     python sample.py --num-samples 16 --temperature 0.9 --top-k 200
     python sample.py --pitch 60 --velocity 100 --source acoustic        # ask for a middle C (guided, --cfg 3)
     python sample.py --pitch 48-72 --report           # one note per pitch, named after it, and a pitch report
+    python sample.py --pitch 60 --velocity 25,75,127 --report   # does loudness follow velocity?
     python sample.py --prompt note.wav --prompt-seconds 0.5             # continue a recording
     python sample.py --xt-checkpoint model_gen_autoreg_transformer.pth   # the reference notebook's model
 
@@ -28,33 +29,32 @@ from checkpoint import CheckpointError, load_checkpoint, load_for_sampling
 from cli import non_negative, pick_device, positive, probability
 from data import FRAME_RATE, HOP, SAMPLE_RATE, Codec, DataError, read_audio
 from model import ATTENTION_KINDS, GPT, KVCache
+from page import write_samples_page
+from pitch import NoteResult, pitch_report
 from tokenizer import MIDI_VALUES, NSYNTH_SOURCES, PATTERNS, CodecTokenizer
 
 
-def pitches(text: str) -> list[int]:
-    """'60', '60,64,67' or '48-72' (inclusive) -> MIDI pitches, each in 0..127."""
-    try:
-        values = []
-        for part in text.split(","):
-            low, _, high = part.strip().partition("-")
-            values += list(range(int(low), int(high) + 1)) if high else [int(low)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a MIDI pitch, a list like 60,64,67 or a range like 48-72, "
-                                         f"got {text!r}") from None
-    bad = [v for v in values if not 0 <= v < MIDI_VALUES]
-    if bad or not values:
-        raise argparse.ArgumentTypeError(f"MIDI pitches are 0..127, got {text!r}")
-    return values
+def midi_numbers(what: str, example: str, example_range: str):
+    """An argparse type for --pitch and --velocity: '60', '60,64,67' or '48-72' (inclusive) -> MIDI numbers, each in
+    0..127, in the order given; a number given twice is made once (--num-samples asks for several takes)."""
+    def parse(text: str) -> list[int]:
+        try:
+            values = []
+            for part in text.split(","):
+                low, _, high = part.strip().partition("-")
+                values += list(range(int(low), int(high) + 1)) if high else [int(low)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a MIDI {what}, a list like {example} or a range like "
+                                             f"{example_range}, got {text!r}") from None
+        bad = [v for v in values if not 0 <= v < MIDI_VALUES]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"MIDI {what} values are 0..127, got {text!r}")
+        return list(dict.fromkeys(values))
+    return parse
 
 
-def midi_value(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer 0..127, got {text!r}") from None
-    if not 0 <= value < MIDI_VALUES:
-        raise argparse.ArgumentTypeError(f"must be in 0..127, got {value}")
-    return value
+pitches = midi_numbers("pitch", "60,64,67", "48-72")
+velocities = midi_numbers("velocity", "25,75,127", "25-127")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -83,8 +83,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     c.add_argument("--pitch", type=pitches, default=None,
                    help="MIDI pitch (60 = middle C), a list (60,64,67) or a range (48-72): --num-samples notes per "
                         "pitch, files named after it (default: unknown)")
-    c.add_argument("--velocity", type=midi_value, default=None, help="MIDI velocity 0..127 (NSynth has 25, 50, 75, "
-                                                                     "100, 127) (default: unknown)")
+    c.add_argument("--velocity", type=velocities, default=None,
+                   help="MIDI velocity 0..127 (NSynth has 25, 50, 75, 100, 127), a list (25,75,127) or a range: "
+                        "--num-samples notes per pitch and velocity; with several, files are named after it too "
+                        "(default: unknown)")
     c.add_argument("--source", choices=NSYNTH_SOURCES, default=None, help="instrument source (default: unknown)")
     c.add_argument("--cfg", type=non_negative(float), default=3.0,
                    help="classifier-free guidance: logits = uncond + CFG * (cond - uncond); 1 = plain conditional "
@@ -93,12 +95,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     c.add_argument("--prompt-seconds", type=positive(float), default=0.5,
                    help="seconds of --prompt to keep and continue from (default: 0.5)")
     c.add_argument("--report", action="store_true",
-                   help="with --pitch: estimate each note's f0, print the error in cents, write a spectrogram PNG "
-                        "beside each WAV and a summary 'pitch accuracy: N of M within 50 cents'")
+                   help="with --pitch: estimate each note's f0 and loudness, print the error in cents and the "
+                        "levels, and a summary 'pitch accuracy: N of M within 50 cents' and, with several "
+                        "velocities, 'loudness vs velocity: rank correlation R over N notes' (also on the page)")
     p.add_argument("--pattern", choices=PATTERNS, default=None,
                    help="the checkpoint's codebook pattern, which sampling always uses; giving another is an error "
                         "(default: the checkpoint's)")
-    p.add_argument("--out-dir", default="samples", help="where sample_{i}.wav go (default: samples)")
+    p.add_argument("--out-dir", default="samples",
+                   help="where sample_{i}.wav go, with a spectrogram PNG each and index.html, a page to listen to "
+                        "them in a browser (default: samples)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto = cuda when available (default: auto)")
     p.add_argument("--attention", choices=("auto", *ATTENTION_KINDS), default="auto",
@@ -163,14 +168,17 @@ def sample(args) -> list[Path]:
     prompt_codes = encode_prompt(args, codec, frames) if args.prompt else None
     source = None if args.source is None else NSYNTH_SOURCES.index(args.source)
 
-    # one job per note: (file name, pitch or None)
+    # one job per note: (file name, pitch or None, velocity or None), every pitch at every velocity
     per_pitch = args.num_samples or (1 if args.pitch else 4)
     stem = f"continue_{Path(args.prompt).stem}" if args.prompt else "sample"
+    several_velocities = len(args.velocity or []) > 1
     jobs = []
     for midi in args.pitch or [None]:
-        for i in range(per_pitch):
-            name = stem if midi is None else f"{stem}_pitch{midi}"
-            jobs.append((f"{name}_{i}.wav" if per_pitch > 1 or midi is None else f"{name}.wav", midi))
+        for velocity in args.velocity or [None]:
+            for i in range(per_pitch):
+                name = (stem + ("" if midi is None else f"_pitch{midi}")
+                        + (f"_vel{velocity}" if several_velocities else ""))
+                jobs.append((f"{name}_{i}.wav" if per_pitch > 1 or midi is None else f"{name}.wav", midi, velocity))
 
     length = tokenizer.prefix + tokenizer.steps(frames)
     allowed = tokenizer.allowed(length, device, given=None if prompt_codes is None else prompt_codes[0])
@@ -184,8 +192,9 @@ def sample(args) -> list[Path]:
         for start in range(0, len(jobs), args.batch_size):
             batch = jobs[start:start + args.batch_size]
             n = len(batch)
-            pitch = None if args.pitch is None else torch.tensor([midi for _, midi in batch])
-            prompt = tokenizer.prompt(n, pitch, args.velocity, source, codes=prompt_codes, device=device)
+            pitch = None if args.pitch is None else torch.tensor([midi for _, midi, _ in batch])
+            velocity = None if args.velocity is None else torch.tensor([velocity for _, _, velocity in batch])
+            prompt = tokenizer.prompt(n, pitch, velocity, source, codes=prompt_codes, device=device)
             if device == "cuda":
                 torch.cuda.synchronize()
             t = time.time()
@@ -198,10 +207,10 @@ def sample(args) -> list[Path]:
             gen_time += time.time() - t
             new_total += n * (length - prompt.shape[-1]) * tokenizer.streams
             audio = codec.decode(tokenizer.decode(tokens)).clamp(-1, 1).cpu().numpy()
-            for (name, midi), wav in zip(batch, audio):
+            for (name, midi, velocity), wav in zip(batch, audio):
                 path = out_dir / name
                 sf.write(path, wav.astype(np.float32), SAMPLE_RATE, subtype="PCM_16")
-                written.append((path, midi))
+                written.append((path, midi, velocity))
             bar.update(n)
     total = time.time() - total_start
     seconds_audio = len(jobs) * frames / FRAME_RATE
@@ -210,10 +219,12 @@ def sample(args) -> list[Path]:
           f"{new_total / gen_time:.0f} tokens/s" + (" (x2 with guidance)" if guided else "")
           + f", {len(jobs) * new_frames / gen_time:.0f} frames/s, real-time factor {seconds_audio / total:.2f} "
           f"({seconds_audio:.1f} s of audio in {total:.1f} s, codec decoding included)")
+    summary = None
     if args.report:
-        from pitch import pitch_report
-        pitch_report(written)
-    return [path for path, _ in written]
+        summary = pitch_report(written)
+    notes = summary.notes if summary else [NoteResult(path, midi, velocity) for path, midi, velocity in written]
+    print(f"listen: {write_samples_page(args, notes, summary)}")
+    return [path for path, _, _ in written]
 
 
 class CompiledDecoder:

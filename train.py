@@ -9,8 +9,8 @@ Train codecgpt: encode a folder of notes into EnCodec tokens, then teach the Tra
     torchrun --standalone --nproc_per_node=4 train.py      # 4 GPUs on one machine (DistributedDataParallel)
 
 By default every note starts with BOS and its pitch, velocity and source tokens (tokenizer.py), so that sample.py
-can ask for a note. Writes out/ckpt.pt (latest), out/best.pt (lowest validation loss) and out/log.jsonl (one line
-per evaluation).
+can ask for a note. Writes out/ckpt.pt (latest), out/best.pt (lowest validation loss), out/log.jsonl (one line
+per evaluation) and out/curves.png (the log drawn; `python train.py --plot OUT_DIR` redraws it from any run's log).
 
 Reading order: next_token_loss (the loss) and train (the loop) come first; below them are the helpers the loop
 calls: evaluation, checkpoints and exact resume, torchrun, and the flags.
@@ -39,6 +39,7 @@ from checkpoint import (CheckpointError, atomic_write, codec_from_checkpoint, lo
 from cli import non_negative, pick_device, positive, probability_or_zero
 from data import (BANDWIDTH_LEVELS, DEFAULT_FRAMES, FRAME_RATE, Codec, DataError, EncodedFiles, TokenDataset,
                   cache_path, encode_files, load_codec_for_training, report_skipped)
+from figures import CurvesWriter, curves_from_log
 from model import ATTENTION_KINDS, GPT, GPTConfig
 from prepare import resolve_data
 from tokenizer import PATTERNS, CodecTokenizer
@@ -108,6 +109,7 @@ def train(args) -> GPT:
         save_checkpoint(ckpt, path)
 
     train_loss_sum, steps = torch.zeros((), device=device), 0
+    curves = CurvesWriter(out_dir)               # out/curves.png, redrawn from the log after evaluations
     bar = tqdm(total=args.max_iters, initial=start_iter, desc="training", unit="step", disable=None if master else True)
     t0 = time.time()
     for it in range(start_iter, args.max_iters + 1):
@@ -129,6 +131,7 @@ def train(args) -> GPT:
                     best_val = metrics["val_loss"]
                     save(it, metrics, out_dir / "best.pt")
                 save(it, metrics, out_dir / "ckpt.pt", rng)
+                curves.update(final=it == args.max_iters)  # after the checkpoints: they matter more than a picture
             train_loss_sum.zero_()
             steps = 0
         if it == args.max_iters:
@@ -482,11 +485,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--resume", action="store_true",
                    help="continue from OUT_DIR/ckpt.pt exactly where it stopped; the data, codec and model flags "
                         "are taken from the checkpoint")
+    t.add_argument("--plot", metavar="OUT_DIR", default=None,
+                   help="only redraw OUT_DIR/curves.png (losses, loss per codec level, learning rate) from "
+                        "OUT_DIR/log.jsonl, of a run finished, running or killed, and exit")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.plot is not None:
+        try:
+            print(f"wrote {curves_from_log(args.plot)}")
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: --plot: {e}")
+        return
     # under torchrun every rank reports its own errors (one of them may be the only one that failed)
     where = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     try:

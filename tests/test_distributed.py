@@ -24,7 +24,7 @@ def test_two_processes_train_like_one_and_resume(tmp_path, reference_run):
     assert first.returncode == 0, first.stderr[-3000:]
     assert first.stdout.count("training notes") == 1 and first.stdout.count("iter 0:") == 1  # rank 0 alone logs
     assert "2 processes x 2 micro-steps of 2 notes" in first.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "ckpt.pt", "log.jsonl"]  # rank 0 alone writes
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "ckpt.pt", "curves.png", "log.jsonl"]  # rank 0 alone
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == FAST_ITERS // 2
 
     second = torchrun(ROOT / "tests" / "ddp_worker.py", *flags, "--max-iters", str(FAST_ITERS), "--resume",

@@ -1,5 +1,8 @@
-"""The pitch tracker: real labelled guitar notes, synthetic notes of known pitch, silence, the report and the CLI."""
+"""The pitch tracker and the loudness measure: real labelled guitar notes, synthetic notes of known pitch and level,
+silence, the report and the CLI."""
 import math
+import re
+import struct
 import subprocess
 import sys
 
@@ -13,7 +16,7 @@ import pitch
 from conftest import REAL_GUITAR, ROOT, needs_real_guitar
 
 pytest.importorskip("parselmouth", reason="pitch.py needs praat-parselmouth: pip install praat-parselmouth")
-pytest.importorskip("PIL", reason="pitch.py draws spectrograms with pillow: pip install pillow")
+pytest.importorskip("matplotlib", reason="pitch.py draws spectrograms with matplotlib: pip install matplotlib")
 
 
 def sine(midi: float, seconds: float, sr: int) -> np.ndarray:
@@ -120,9 +123,8 @@ def test_pitch_report_summary_line_and_pngs(tmp_path, capsys):
 
     elsewhere = tmp_path / "pictures"
     pitch.pitch_report(items[:1], out_dir=elsewhere)
-    from PIL import Image
-    with Image.open(elsewhere / "right_sine.png") as image:
-        assert image.size[0] > 600 and image.size[1] > 300
+    width, height = struct.unpack(">II", (elsewhere / "right_sine.png").read_bytes()[16:24])  # the PNG's IHDR
+    assert width >= 600 and height >= 280
 
 
 def test_missing_dependency_says_how_to_install(monkeypatch):
@@ -144,3 +146,99 @@ def test_command_line_single_file_and_labelled_folder(tmp_path):
     out = run("--real", str(tmp_path))
     assert out.splitlines()[-1] == "pitch accuracy: 1 of 1 within 50 cents"
     assert not (tmp_path / "note.png").exists()  # a labelled folder gets pictures only with --png-dir
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loudness
+
+def test_levels_of_a_sine_after_silence_silence_and_nan():
+    """A 0.5 sine after 0.3 s of silence peaks at -6.0 dBFS and its attack (measured from the onset, not from the
+    file's start) has the RMS of a sine, -9.0 dBFS; scaling by g moves both by 20 log10 g; silence reads the floor."""
+    sr = 24_000
+    t = np.arange(sr) / sr
+    audio = np.concatenate([np.zeros(int(0.3 * sr)), 0.5 * np.sin(2 * np.pi * 440 * t)])
+    peak, attack = pitch.levels_db(audio, sr)
+    assert peak == pytest.approx(20 * math.log10(0.5), abs=0.01)
+    assert attack == pytest.approx(20 * math.log10(0.5 / math.sqrt(2)), abs=0.01)
+    for gain in (0.1, 0.03):
+        assert pitch.levels_db(gain * audio, sr) == pytest.approx((peak + 20 * math.log10(gain),
+                                                                   attack + 20 * math.log10(gain)), abs=1e-6)
+    assert pitch.levels_db(np.zeros(sr), sr) == (pitch.LEVEL_FLOOR_DB, pitch.LEVEL_FLOOR_DB)
+    assert all(math.isnan(x) for x in pitch.levels_db(np.full(sr, np.nan), sr) + pitch.levels_db(np.zeros(0), sr))
+
+
+def test_rank_correlation_is_spearmans():
+    """Ranks, not values; ties share their mean rank; without ties it equals 1 - 6 sum(d^2) / (n (n^2 - 1))."""
+    assert pitch.rank_correlation([1, 2, 3, 4], [10, 200, 3000, 40000]) == pytest.approx(1.0)
+    assert pitch.rank_correlation([1, 2, 3, 4], [4.0, 3.5, -1.0, -7.0]) == pytest.approx(-1.0)
+    # x ranks 1, 2.5, 2.5, 4 and y ranks 1, 3, 2, 4: Pearson's r of those is 0.9486833 (worked by hand)
+    assert pitch.rank_correlation([25, 75, 75, 127], [-30.0, -10.0, -20.0, -5.0]) == pytest.approx(3 / math.sqrt(10))
+    rng = np.random.default_rng(0)
+    for n in (5, 17, 60):
+        x, y = rng.permutation(n), rng.permutation(n)
+        d = x - y
+        assert pitch.rank_correlation(x, y) == pytest.approx(1 - 6 * (d ** 2).sum() / (n * (n ** 2 - 1)))
+    assert math.isnan(pitch.rank_correlation([100, 100, 100], [1.0, 2.0, 3.0]))  # one velocity: nothing to rank
+    with pytest.raises(ValueError, match="one length"):
+        pitch.rank_correlation([1, 2], [1.0])
+
+
+def test_loudness_follows_velocity_on_synthetic_plucks(tmp_path, capsys):
+    """The training notes of the offline run (prepare.pluck: louder and brighter with velocity) at 5 velocities and
+    4 pitches: the report's last line ranks their attack levels with the velocities asked, R > 0.9."""
+    rng = np.random.default_rng(0)
+    items = []
+    for midi in (45, 57, 69, 81):
+        for velocity in (25, 50, 75, 100, 127):
+            path = tmp_path / f"pluck_{midi}_{velocity}.wav"
+            sf.write(path, prepare.pluck(midi, velocity, 1.67, data.SAMPLE_RATE, 0.996, 0.7, rng), data.SAMPLE_RATE)
+            items.append((path, midi, velocity))
+    summary = pitch.pitch_report(items, pictures=False)
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert re.fullmatch(r"loudness vs velocity: rank correlation (-?[01]\.\d\d) over 20 notes", last), last
+    r, n = summary.loudness
+    assert last == summary.loudness_line and n == 20 and r > 0.9
+    # one velocity only: no loudness line, the pitch line stays last
+    assert pitch.pitch_report([(p, m, 100) for p, m, _ in items[:3]], pictures=False).lines[-1].startswith("pitch")
+    # levels closer than 0.1 dB are equal (no order found in noise): the correlation is undefined, and says so
+    quiet = [pitch.NoteResult(path, midi, velocity, attack_db=-20 + 0.01 * i) for i, (path, midi, velocity)
+             in enumerate(items[:4])]
+    assert pitch.PitchSummary(quiet).loudness_line == ("loudness vs velocity: rank correlation nan over 4 notes "
+                                                       "(undefined: the levels, or the velocities, are all equal)")
+
+
+@needs_real_guitar
+def test_loudness_on_the_real_notes_that_carry_a_velocity(show_in_summary):
+    """metadata.csv gives a velocity for the NSynth notes only; the report's loudness line ranks those. On every
+    real recording the levels move by exactly 20 log10 g when the note is scaled by g (onset and attack found the
+    same way at any level), so ranks follow level wherever level follows velocity."""
+    labelled = pitch.labelled_folder(REAL_GUITAR)
+    with_velocity = [item for item in labelled if item[2] is not None]
+    assert with_velocity and all(path.parent.name == "nsynth" for path, _, _ in with_velocity)
+    summary = pitch.pitch_report(with_velocity, pictures=False)
+    r, n = summary.loudness
+    assert n == len(with_velocity) and -1 <= r <= 1
+    line = f"real guitar notes with a velocity in metadata.csv, {summary.loudness_line}"
+    print(f"\n{line}")
+    show_in_summary(line)
+    for path, _, _ in labelled[::6]:
+        audio, sr = pitch.read_mono(path)
+        peak, attack = pitch.levels_db(audio, sr)
+        assert pitch.levels_db(audio * 0.25, sr) == pytest.approx((peak - 12.041, attack - 12.041), abs=1e-3)
+
+
+def test_command_line_reads_velocities_from_nsynth_names(tmp_path):
+    """A folder without metadata.csv: the NSynth-named notes in it are labelled by their names, so the report ranks
+    their loudness; three sines made louder with velocity rank perfectly, and a folder of no such notes is an error."""
+    sr = 16_000
+    for velocity in (127, 25, 75):
+        sf.write(tmp_path / f"guitar_acoustic_001-064-{velocity:03d}.wav", sine(64, 1.0, sr) * velocity / 127, sr)
+    sf.write(tmp_path / "unlabelled.wav", sine(64, 1.0, sr), sr)
+    run = lambda *args: subprocess.run([sys.executable, str(ROOT / "pitch.py"), *args], capture_output=True, text=True)
+    result = run("--real", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-2:] == ["pitch accuracy: 3 of 3 within 50 cents",
+                                               "loudness vs velocity: rank correlation 1.00 over 3 notes"]
+    (tmp_path / "sub").mkdir()
+    result = run("--real", str(tmp_path / "sub"))
+    assert result.returncode != 0 and "no metadata.csv and no NSynth-named notes" in result.stderr

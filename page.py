@@ -1,0 +1,145 @@
+"""
+The samples page: OUT_DIR/index.html, written by every sample.py run beside its WAVs, to listen to the notes and look
+at them side by side in a browser.
+
+One row per note: an <audio controls> player, the note's spectrogram (figures.spectrogram), what was asked (pitch,
+velocity, source, guidance, temperature, seed, checkpoint) and, after `sample.py --report`, what was measured
+(pitch.py: the f0 and its error in cents, the peak and attack levels). On top, the run's summary: pitch accuracy
+and how well loudness follows velocity.
+
+Every link is relative (a file name, percent-encoded) and the style sheet is inline, with no script, so the folder
+can be opened from the file system, served or copied anywhere as it is. Every name and value is HTML-escaped: a file
+named `it's <b> & "x".wav` shows as such.
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import math
+from datetime import datetime
+from pathlib import Path
+from urllib.parse import quote
+
+from pitch import NoteResult, PitchSummary, midi_to_hz, note_name, read_mono
+
+STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
+h1 { font-size: 1.4em; margin: 0 0 .3em; }
+.run, small { color: #555; }
+.summary { font-size: 1.1em; margin: .8em 0; padding: .5em .8em; background: #f3f3f3; border-radius: 4px; }
+.summary p { margin: .2em 0; }
+table { border-collapse: collapse; }
+th, td { border-bottom: 1px solid #ddd; padding: .4em .6em; text-align: left; vertical-align: top; }
+td.file { max-width: 22em; overflow-wrap: anywhere; }
+td.asked, td.measured { white-space: nowrap; }
+audio { display: block; width: 18em; margin-top: .3em; }
+img { display: block; width: 448px; height: auto; }
+.miss { color: #b00020; }
+.hit { color: #17702a; }
+"""
+
+
+def esc(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def link(path: Path) -> str:
+    """A relative, percent-encoded link to a file beside the page, escaped for an attribute."""
+    return esc(quote(path.name))
+
+
+def run_settings(args: argparse.Namespace) -> dict[str, str]:
+    """What sample.py was asked for that is the same for every note, as label -> value."""
+    optional = lambda v: "off" if v is None else str(v)
+    settings = {"source": args.source or "unknown", "cfg": f"{args.cfg:g}", "temperature": f"{args.temperature:g}",
+                "top-k": optional(args.top_k), "top-p": optional(args.top_p), "seed": str(args.seed),
+                "checkpoint": args.xt_checkpoint or args.ckpt}
+    if args.prompt:
+        settings["prompt"] = f"{args.prompt} (first {args.prompt_seconds:g} s)"
+    return settings
+
+
+def draw_missing_spectrograms(notes: list[NoteResult]) -> None:
+    """A spectrogram PNG beside each WAV that has none yet (notes not measured by --report), the asked pitch marked."""
+    from figures import spectrogram  # matplotlib, only when drawing
+    for note in notes:
+        if note.png is not None or note.problem:
+            continue
+        audio, sr = read_mono(note.path)
+        marks, title = {}, note.path.name
+        if note.midi is not None:
+            marks["asked"] = midi_to_hz(note.midi)
+            title += f"\nasked {note_name(note.midi)} ({marks['asked']:.1f} Hz)"
+        note.png = spectrogram(audio, sr, note.path.with_suffix(".png"), title, marks)
+
+
+def asked_cell(note: NoteResult, settings: dict[str, str]) -> str:
+    """The note's conditions, then the sampling settings short enough to repeat on every row (the checkpoint and
+    the prompt, long paths, are said once on top)."""
+    pitch = "unknown" if note.midi is None else f"{note.midi} ({note_name(note.midi)}, {midi_to_hz(note.midi):.1f} Hz)"
+    velocity = "unknown" if note.velocity is None else note.velocity
+    rest = " · ".join(f"{label} {settings[label]}" for label in ("cfg", "temperature", "seed"))
+    return (f"pitch {esc(pitch)}<br>velocity {esc(velocity)}<br>source {esc(settings['source'])}<br>"
+            f"<small>{esc(rest)}</small>")
+
+
+def measured_cell(note: NoteResult, measured: bool) -> str:
+    if not measured:
+        return "<small>not measured (sample.py --report)</small>"
+    if note.problem:
+        return f'<span class="miss">{esc(note.problem)}</span>'
+    if math.isnan(note.f0):
+        pitch = '<span class="miss">no pitch found</span>'
+    else:
+        verdict = ("hit", "within") if note.ok else ("miss", "off by")
+        pitch = (f'f0 {note.f0:.1f} Hz, <span class="{verdict[0]}">{verdict[1]} {note.cents:+.0f} cents</span>')
+    return f"{pitch}<br>peak {note.peak_db:.1f} dBFS<br>attack {note.attack_db:.1f} dBFS"
+
+
+def write_samples_page(args: argparse.Namespace, notes: list[NoteResult], summary: PitchSummary | None) -> Path:
+    """Write index.html into args.out_dir for notes (NoteResults of the WAVs there: measured ones when summary is
+    given, i.e. after --report), drawing the spectrograms they lack first. Returns the page's path."""
+    out_dir = Path(args.out_dir)
+    draw_missing_spectrograms(notes)
+    settings = run_settings(args)
+    if summary is None:
+        summary_html = ("<p>Not measured: run sample.py with <code>--report</code> (and <code>--pitch</code>) to "
+                        "measure each note's pitch and loudness.</p>")
+    else:
+        summary_html = "".join(f"<p>{esc(line)}</p>" for line in summary.lines)
+    rows = []
+    for i, note in enumerate(notes, 1):
+        picture = (f'<img src="{link(note.png)}" alt="spectrogram of {esc(note.path.name)}">' if note.png
+                   else "<small>no picture</small>")
+        rows.append(f'<tr id="note{i}"><td>{i}</td>'
+                    f'<td class="file"><a href="{link(note.path)}">{esc(note.path.name)}</a>'
+                    f'<audio controls preload="metadata" src="{link(note.path)}"></audio></td>'
+                    f'<td class="asked">{asked_cell(note, settings)}</td>'
+                    f'<td class="measured">{measured_cell(note, summary is not None)}</td>'
+                    f"<td>{picture}</td></tr>")
+    run = " · ".join(f"{label} {value}" for label, value in settings.items())
+    page = f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
+<title>codecgpt samples: {esc(out_dir.resolve().name)}</title>
+<style>{STYLE}</style>
+</head>
+<body>
+<h1>codecgpt samples</h1>
+<p class="run">{len(notes)} notes · {esc(run)} · written {datetime.now():%Y-%m-%d %H:%M}</p>
+<div class="summary">{summary_html}</div>
+<table>
+<thead><tr><th>#</th><th>note</th><th>asked</th><th>measured</th><th>spectrogram</th></tr></thead>
+<tbody>
+{chr(10).join(rows)}
+</tbody>
+</table>
+</body>
+</html>
+"""
+    path = out_dir / "index.html"
+    path.write_text(page, encoding="utf-8")
+    return path
