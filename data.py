@@ -255,13 +255,9 @@ class Codec:
 
 @contextmanager
 def exact_float32():
-    """TF32 off for CUDA matmuls and cuDNN (convolutions, LSTM) inside the block; the settings come back after.
-
-    EnCodec picks each code as the nearest codebook row by |x|^2 - 2 x.e + |e|^2. For the untrained codec the
-    latents lie much farther from the origin than from their nearest rows, so that subtraction cancels most of
-    the digits and float32 rounding already decides some codes; TF32's 10-bit mantissas (train.py turns TF32 on
-    for the model's matmuls) would decide most of them, so the same notes would get other codes on a GPU.
-    """
+    """TF32 off for CUDA matmuls and cuDNN inside the block. EnCodec picks each code as the nearest codebook row by
+    |x|^2 - 2 x.e + |e|^2; for the untrained codec the latents lie far from the origin and close to their rows, so
+    that subtraction cancels most digits, and TF32 (on for train.py's model) would pick other codes than a CPU."""
     matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
@@ -443,7 +439,6 @@ def split_folder(root: str | Path, valid_fraction: float = 0.05) -> dict[str, li
             "valid": [f for f, v in zip(files, is_valid) if v] or files}
 
 
-
 class TokenDataset:
     """The token sequences of encoded notes (tokens: one row per note, BOS first), with the NSynth labels of each
     note (-1 where unknown), which are also in the tokens when the tokenizer has condition tokens."""
@@ -462,18 +457,6 @@ class TokenDataset:
 
     def __len__(self) -> int:
         return len(self.tokens)
-
-
-def report_skipped(name: str, encoded: EncodedFiles, show: int = 20) -> None:
-    """Print how many files were skipped and why (the first `show` of them)."""
-    if not encoded.skipped:
-        return
-    total = len(encoded.skipped) + len(encoded.files)
-    print(f"{name}: skipped {len(encoded.skipped)} of {total} files that could not be used:")
-    for path, reason in encoded.skipped[:show]:
-        print(f"  {path}: {reason}")
-    if len(encoded.skipped) > show:
-        print(f"  ... and {len(encoded.skipped) - show} more")
 
 
 def load_codec_for_training(kind: str, bandwidth: float, weights: str | None, fit_files: list[Path],

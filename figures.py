@@ -133,7 +133,7 @@ def training_curves(entries: list[dict], path: str | Path) -> Path:
         if xs:
             loss_ax.plot(xs, ys, label=label, marker=marker, markersize=3)
     loss_ax.set_title("loss")
-    loss_ax.set_ylabel("cross-entropy (nats/token)")
+    loss_ax.set_ylabel("cross-entropy (nats/code)")
     loss_ax.legend(fontsize=8)
 
     levels = max((len(e["val_loss_per_level"]) for e in entries if isinstance(e.get("val_loss_per_level"), list)),

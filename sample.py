@@ -11,7 +11,8 @@ Sample new notes from a trained codecgpt model and write them as WAV files.
 
 Each note starts from BOS and, for models trained with conditions (the default of train.py), the pitch, velocity
 and source tokens ("unknown" where not asked for); every new token is drawn only among the codes of the codec
-level its position holds.
+level its position holds. The codebook pattern (flatten, delay, parallel: tokenizer.py) and the codec come from
+the checkpoint. Writes OUT_DIR/index.html beside the WAVs, a page to listen to them (page.py).
 """
 from __future__ import annotations
 

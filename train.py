@@ -38,7 +38,7 @@ from tqdm import tqdm
 from checkpoint import (CheckpointError, atomic_write, codec_from_checkpoint, load_checkpoint, save_checkpoint)
 from cli import non_negative, pick_device, positive, probability_or_zero
 from data import (BANDWIDTH_LEVELS, DEFAULT_FRAMES, FRAME_RATE, Codec, DataError, EncodedFiles, TokenDataset,
-                  cache_path, encode_files, load_codec_for_training, report_skipped)
+                  cache_path, encode_files, load_codec_for_training)
 from figures import CurvesWriter, curves_from_log
 from model import ATTENTION_KINDS, GPT, GPTConfig
 from prepare import resolve_data
@@ -338,6 +338,18 @@ def prepare_data(args, device: str, codec: Codec | None = None, verbose: bool = 
         if len(train_notes.files) > 1:
             train_notes = EncodedFiles(train_notes.codes[:-1], train_notes.files[:-1], train_notes.skipped)
     return codec, tokenizer, TokenDataset(train_notes, tokenizer), TokenDataset(valid_notes, tokenizer)
+
+
+def report_skipped(name: str, encoded: EncodedFiles, show: int = 20) -> None:
+    """Print how many files were skipped and why (the first `show` of them)."""
+    if not encoded.skipped:
+        return
+    total = len(encoded.skipped) + len(encoded.files)
+    print(f"{name}: skipped {len(encoded.skipped)} of {total} files that could not be used:")
+    for path, reason in encoded.skipped[:show]:
+        print(f"  {path}: {reason}")
+    if len(encoded.skipped) > show:
+        print(f"  ... and {len(encoded.skipped) - show} more")
 
 
 def prepare_data_once(args, device: str, resumed: dict | None, rank: int, world: int):
