@@ -411,7 +411,9 @@ class Dropout(nn.Dropout):
     cheap_mask = False
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.cheap_mask and self.training and x.device.type == "cpu" and 0 < self.p < 1:
+        if not self.training or self.p == 0:
+            return x  # nothing to drop: skip F.dropout's dispatch, once per layer and token while sampling
+        if self.cheap_mask and x.device.type == "cpu" and self.p < 1:
             return cheap_dropout(x, self.p)
         return super().forward(x)
 
