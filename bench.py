@@ -39,6 +39,7 @@ import torch.nn.functional as F
 import data
 import prepare
 from checkpoint import atomic_write
+from cli import native_bf16
 from model import GPT, GPTConfig
 from sample import CompiledDecoder
 
@@ -201,7 +202,7 @@ def train_flops_per_token(model: torch.nn.Module, dim: int, depth: int, seq_len:
 def bench_training(args) -> None:
     from x_transformers import Decoder, TransformerWrapper
     device = args.device
-    bf16_ok = device == "cuda" or torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    bf16_ok = native_bf16(device)
     configs = [("reference", REFERENCE["dim"], REFERENCE["depth"], REFERENCE["heads"], args.train_batches)]
     if device == "cuda":
         configs.append(("dim 512 depth 12", 512, 12, 8, [32]))
@@ -345,8 +346,7 @@ def bench_patterns(args) -> None:
     from tokenizer import CodecTokenizer
     frames = data.DEFAULT_FRAMES
     device = args.device
-    bf16 = device == "cuda" or torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    autocast = torch.autocast(device, dtype=torch.bfloat16) if bf16 else nullcontext()
+    autocast = torch.autocast(device, dtype=torch.bfloat16) if native_bf16(device) else nullcontext()
     baseline = "flatten 1.5 kbps"
     print(f"\ncodebook patterns: a note of {frames} frames, reference model size (dim 256, depth 6, 4 heads)")
     for pattern, kbps in PATTERN_ROWS:

@@ -1,5 +1,5 @@
 """Command-line plumbing shared by train.py and sample.py: flag values checked with a message that names the flag
-(argparse adds the name), and the device choice."""
+(argparse adds the name), and the device choice. bench.py uses the device checks too."""
 from __future__ import annotations
 
 import argparse
@@ -44,6 +44,17 @@ def probability_or_zero(text: str) -> float:
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
     return value
+
+
+def native_bf16(device_type: str) -> bool:
+    """Whether bf16 matmuls run natively on this device: always on CUDA; on CPUs with AVX-512 BF16 or AMX (oneDNN
+    says), where they beat float32. Elsewhere bf16 is emulated, slower than float32."""
+    if device_type == "cuda":
+        return True
+    try:
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def pick_device(name: str) -> str:

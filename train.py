@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import (CheckpointError, atomic_write, codec_from_checkpoint, load_checkpoint, save_checkpoint)
-from cli import non_negative, pick_device, positive, probability_or_zero
+from cli import native_bf16, non_negative, pick_device, positive, probability_or_zero
 from data import (BANDWIDTH_LEVELS, DEFAULT_FRAMES, FRAME_RATE, Codec, DataError, EncodedFiles, TokenDataset,
                   cache_path, encode_files, load_codec_for_training)
 from figures import CurvesWriter, curves_from_log
@@ -205,11 +205,7 @@ def precision(dtype: str, device_type: str) -> tuple[str, object]:
     """--dtype -> (its name, the autocast context for the forward pass). auto = bf16 autocast on CUDA and on CPUs
     with native bf16 matmuls (emulated bf16 is slower than float32), float32 elsewhere. TF32 on for CUDA."""
     if dtype == "auto":
-        try:
-            cpu_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        except (AttributeError, RuntimeError):
-            cpu_bf16 = False
-        dtype = "bfloat16" if device_type == "cuda" or cpu_bf16 else "float32"
+        dtype = "bfloat16" if native_bf16(device_type) else "float32"
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
