@@ -39,7 +39,7 @@ FMIN, FMAX = 30.0, 4200.0  # search range in Hz: MIDI 23 to 108, wider than a gu
 ATTACK_SECONDS = 0.1       # after the onset: skipped by the pitch tracker (the pluck is noise more than pitch), and
                            # where a note's loudness is measured (the pluck is where velocity shows)
 LEVEL_FLOOR_DB = -120.0    # what silence reads, below the quietest 16-bit sample (-90 dBFS)
-LEVEL_RESOLUTION_DB = 0.1  # attack levels closer than this rank as equal (a level step people hear is about 1 dB)
+LEVEL_RESOLUTION_DB = 0.1  # attack levels are ranked rounded to this step (a level step people hear is about 1 dB)
 SUSTAIN_SECONDS = 1.9      # then this much is analysed (a generated note is 1.67 s long)
 FRAME_SECONDS = 0.01       # one f0 estimate every 10 ms
 OCTAVE_COST = 0.025        # Praat's bonus per octave for higher pitch candidates (its default: 0.01). On the 57 real
@@ -193,8 +193,8 @@ class PitchSummary:
     @property
     def loudness(self) -> tuple[float, int]:
         """(Spearman's rank correlation of attack level with asked velocity, number of notes it is over): the
-        notes with a known velocity and a measured level. Levels within LEVEL_RESOLUTION_DB of each other count as
-        equal: smaller differences cannot be heard, and ranking them would find an order in rounding noise."""
+        notes with a known velocity and a measured level. Levels are rounded to LEVEL_RESOLUTION_DB first, and equal
+        ones tie: finer differences cannot be heard, and ranking them would find an order in rounding noise."""
         pairs = [(n.velocity, round(n.attack_db / LEVEL_RESOLUTION_DB)) for n in self.notes
                  if n.velocity is not None and not math.isnan(n.attack_db)]
         return rank_correlation(*zip(*pairs)) if pairs else math.nan, len(pairs)

@@ -9,8 +9,9 @@ interleaving pattern. MusicGen (Copet et al. 2023, section 2.2) compares several
 | pattern  | decode steps per note | when the code of level k, frame t is predicted, the model has seen       |
 |----------|-----------------------|--------------------------------------------------------------------------|
 | flatten  | K x T                 | every level of frames < t, and levels < k of frame t (exact)             |
-| delay    | T + K - 1             | levels <= k of frames < t, and levels > k of frames < t - (k' - k) only   |
-| parallel | T                     | every level of frames < t, nothing of frame t                             |
+| delay    | T + K - 1             | each level k' up to frame t + k - k' - 1: the lower levels of frame t    |
+|          |                       | too, level k before t, the higher levels only up to t - (k' - k) - 1     |
+| parallel | T                     | every level of frames < t, nothing of frame t                            |
 
 flatten (the reference recipe's, and the default) is the exact autoregressive factorisation, at K times the steps
 and K^2 times the attention cost; its cost grows with the bandwidth. delay and parallel predict all K levels in
