@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 import data
 import prepare
-from checkpoint import atomic_write
+from files import atomic_write
 from cli import native_bf16
 from model import GPT, GPTConfig
 from sample import CompiledDecoder

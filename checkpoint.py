@@ -1,16 +1,12 @@
 """
-Files that must survive a crash, and checkpoints that must not be trusted blindly.
+Checkpoints that must not be trusted blindly.
 
-- atomic_write: every file codecgpt writes for later runs (checkpoints, the token cache, the rewritten training
-  log, the fitted untrained codec) goes to a temporary file in the same folder, is flushed to disk and renamed over
-  the old one, so a reader sees the old file or the new one, never part of one, even after a kill.
 - save_checkpoint / load_checkpoint: torch.save plus a SHA-256 digest of everything saved, because torch checks
   no checksum of tensor data: without the digest a byte flipped on disk loads silently as a wrong weight. Loading
   always uses weights_only=True (a checkpoint can hold tensors and plain values only, never code to run), checks
   the digest when there is one (checkpoints from before it have none and still load), and turns every problem
-  into a CheckpointError of one line naming the file.
+  into a CheckpointError of one line naming the file. Written with files.atomic_write, as every file is.
 - model_from_checkpoint, tokenizer_from_checkpoint, codec_from_checkpoint: what train.py saved, rebuilt.
-- gpt_from_x_transformers: the reference notebook's x-transformers weights, mapped into our GPT.
 """
 from __future__ import annotations
 
@@ -19,40 +15,18 @@ import os
 import re
 import zipfile
 from pathlib import Path
-from typing import Callable, IO
 
 import torch
 from torch import Tensor
 
+from data import Codec
+from files import atomic_write
 from model import GPT, GPTConfig
 from tokenizer import CodecTokenizer
 
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used, reported as one line naming the file."""
-
-
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Call write(f) on a temporary file beside path, flush it to disk, then rename it to path."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # one per process: two writers never share a file
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable (a crash right after it could otherwise undo it)
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-    except OSError:  # some file systems cannot fsync a folder; the rename has happened either way
-        pass
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -151,7 +125,6 @@ def tokenizer_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> Co
 def codec_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint", weights: str | None = None):
     """The data.Codec a checkpoint was trained with (the pretrained one needs its weights: downloaded, or
     `weights`)."""
-    from data import Codec  # imported here: data.py writes its files with atomic_write from this module
     try:
         return Codec.from_identity(ckpt["codec"], weights)
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
@@ -173,68 +146,3 @@ def load_for_sampling(path: str | Path, codec_weights: str | None = None):
     if codec.levels != tokenizer.levels:
         raise CheckpointError(f"{path}: its codec has {codec.levels} levels, its tokenizer {tokenizer.levels}")
     return model, tokenizer, codec
-
-
-# ----------------------------------------------------------------------------------------------------
-# The reference recipe's checkpoint: an x-transformers state dict
-
-def gpt_from_x_transformers(state_dict: dict[str, Tensor], heads: int, dim_head: int = 64,
-                            max_seq_len: int = 250) -> GPT:
-    """Build a GPT from a state dict of x-transformers' TransformerWrapper(attn_layers=Decoder(
-    rotary_pos_emb=True)) (or of an AutoregressiveWrapper around one) and copy every weight.
-
-    heads and dim_head cannot be told apart from the weights (to_q is (heads * dim_head, dim)), so they are
-    given. Raises ValueError naming what does not map when the state dict has anything else.
-    """
-    sd = {k.removeprefix("net."): v for k, v in state_dict.items()}
-    used: set[str] = set()
-
-    def take(key: str) -> Tensor:
-        if key not in sd:
-            raise ValueError(f"x-transformers state dict has no {key!r}: not a rotary Decoder we can map")
-        used.add(key)
-        return sd[key]
-
-    vocab_size, dim = take("token_emb.emb.weight").shape
-    depth = 0
-    while f"attn_layers.layers.{2 * depth}.1.to_q.weight" in sd:
-        depth += 1
-    if depth == 0:
-        raise ValueError("x-transformers state dict has no attention layers (attn_layers.layers.0.1.to_q.weight)")
-    inner = sd["attn_layers.layers.0.1.to_q.weight"].shape[0]
-    if inner != heads * dim_head:
-        raise ValueError(f"to_q has {inner} outputs but heads * dim_head = {heads} * {dim_head}")
-    if "attn_layers.rotary_pos_emb.inv_freq" not in sd:
-        raise ValueError("x-transformers state dict has no rotary_pos_emb: only rotary decoders map to GPT")
-    inv_freq = take("attn_layers.rotary_pos_emb.inv_freq")
-    rotary_dim = 2 * inv_freq.numel()
-    expected = 1.0 / 10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim)
-    if not torch.allclose(inv_freq.float().cpu(), expected):
-        raise ValueError("rotary inv_freq is not base 10000 (xpos / rescaled rotary are not supported)")
-
-    cfg = GPTConfig(vocab_size=vocab_size, max_seq_len=max_seq_len, dim=dim, depth=depth, heads=heads,
-                    dim_head=dim_head, rotary_dim=rotary_dim, dropout=0.0)
-    model = GPT(cfg)
-    new = {"embed.weight": take("token_emb.emb.weight"),
-           "norm.weight": take("attn_layers.final_norm.gamma") + 1,  # x-transformers stores gain - 1
-           "head.weight": take("to_logits.weight")}
-    for i in range(depth):
-        a, f, b = f"attn_layers.layers.{2 * i}", f"attn_layers.layers.{2 * i + 1}", f"blocks.{i}"
-        new[f"{b}.norm1.weight"] = take(f"{a}.0.0.gamma") + 1
-        new[f"{b}.attn.qkv.weight"] = torch.cat([take(f"{a}.1.to_{n}.weight") for n in "qkv"])
-        # With one head and dim == dim_head, x-transformers has no to_out (Identity).
-        new[f"{b}.attn.out.weight"] = (take(f"{a}.1.to_out.weight") if f"{a}.1.to_out.weight" in sd
-                                       else torch.eye(dim))
-        new[f"{b}.norm2.weight"] = take(f"{f}.0.0.gamma") + 1
-        for ours, theirs in (("up", "ff.0.0"), ("down", "ff.2")):
-            new[f"{b}.mlp.{ours}.weight"] = take(f"{f}.1.{theirs}.weight")
-            new[f"{b}.mlp.{ours}.bias"] = take(f"{f}.1.{theirs}.bias")
-    unused = sorted(set(sd) - used)
-    if unused:
-        raise ValueError(f"x-transformers state dict has weights GPT cannot map: {', '.join(unused[:8])}"
-                         + (" ..." if len(unused) > 8 else ""))
-    try:
-        model.load_state_dict(new, strict=True)
-    except RuntimeError as e:  # shape mismatch, e.g. an MLP that is not 4x wide
-        raise ValueError(f"x-transformers weights do not fit GPT({cfg}): {e}") from None
-    return model

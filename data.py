@@ -36,7 +36,7 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
-from checkpoint import atomic_write
+from files import atomic_write
 from tokenizer import CODEBOOK_SIZE, NSYNTH_SOURCES, CodecTokenizer
 
 SAMPLE_RATE = 24_000     # EnCodec 24 kHz

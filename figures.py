@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from checkpoint import atomic_write
+from files import atomic_write, read_log
 
 SPECTROGRAM_LOW_HZ = 30.0   # the lowest frequency shown: below a guitar's (and the pitch tracker's) range
 SPECTROGRAM_RANGE_DB = 80   # the colour scale: the loudest 80 dB
@@ -89,20 +89,6 @@ def spectrogram(audio: np.ndarray, sr: int, path: str | Path, title: str,
 
 # ----------------------------------------------------------------------------------------------------
 # A training run
-
-def read_log(path: str | Path) -> list[dict]:
-    """The evaluations in a log.jsonl: every line that is a JSON object with an integer "iter". A line cut short
-    by a kill is skipped rather than failing, so that the curves of a broken run can still be drawn."""
-    entries = []
-    for line in Path(path).read_text(errors="replace").splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and isinstance(entry.get("iter"), int):
-            entries.append(entry)
-    return entries
-
 
 def _series(entries: list[dict], value) -> tuple[list[int], list[float]]:
     """(iterations, values) of the entries where value(entry) is a finite number; missing keys are skipped."""

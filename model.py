@@ -340,8 +340,7 @@ class GPT(nn.Module):
     def from_x_transformers(cls, state_dict: dict[str, Tensor], heads: int, dim_head: int = 64,
                             max_seq_len: int = 250) -> GPT:
         """The reference recipe's model: a GPT with every weight of x-transformers' TransformerWrapper(attn_layers=
-        Decoder(rotary_pos_emb=True)) copied in (checkpoint.gpt_from_x_transformers maps them, key by key)."""
-        from checkpoint import gpt_from_x_transformers  # imported here: checkpoint.py imports this module
+        Decoder(rotary_pos_emb=True)) copied in (gpt_from_x_transformers, at the end of this file, maps them)."""
         return gpt_from_x_transformers(state_dict, heads, dim_head, max_seq_len)
 
 
@@ -426,3 +425,68 @@ def cheap_dropout(x: Tensor, p: float) -> Tensor:
     bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, 2**63 - 1).view(torch.int16)
     keep = bits[:n].view(x.shape) >= round(p * 2**16) - 2**15
     return x * keep.to(x.dtype).mul_(1 / (1 - p))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The reference recipe's checkpoint: an x-transformers state dict, key by key (skip on a first read)
+
+def gpt_from_x_transformers(state_dict: dict[str, Tensor], heads: int, dim_head: int = 64,
+                            max_seq_len: int = 250) -> GPT:
+    """Build a GPT from a state dict of x-transformers' TransformerWrapper(attn_layers=Decoder(
+    rotary_pos_emb=True)) (or of an AutoregressiveWrapper around one) and copy every weight.
+
+    heads and dim_head cannot be told apart from the weights (to_q is (heads * dim_head, dim)), so they are
+    given. Raises ValueError naming what does not map when the state dict has anything else.
+    """
+    sd = {k.removeprefix("net."): v for k, v in state_dict.items()}
+    used: set[str] = set()
+
+    def take(key: str) -> Tensor:
+        if key not in sd:
+            raise ValueError(f"x-transformers state dict has no {key!r}: not a rotary Decoder we can map")
+        used.add(key)
+        return sd[key]
+
+    vocab_size, dim = take("token_emb.emb.weight").shape
+    depth = 0
+    while f"attn_layers.layers.{2 * depth}.1.to_q.weight" in sd:
+        depth += 1
+    if depth == 0:
+        raise ValueError("x-transformers state dict has no attention layers (attn_layers.layers.0.1.to_q.weight)")
+    inner = sd["attn_layers.layers.0.1.to_q.weight"].shape[0]
+    if inner != heads * dim_head:
+        raise ValueError(f"to_q has {inner} outputs but heads * dim_head = {heads} * {dim_head}")
+    if "attn_layers.rotary_pos_emb.inv_freq" not in sd:
+        raise ValueError("x-transformers state dict has no rotary_pos_emb: only rotary decoders map to GPT")
+    inv_freq = take("attn_layers.rotary_pos_emb.inv_freq")
+    rotary_dim = 2 * inv_freq.numel()
+    expected = 1.0 / 10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim)
+    if not torch.allclose(inv_freq.float().cpu(), expected):
+        raise ValueError("rotary inv_freq is not base 10000 (xpos / rescaled rotary are not supported)")
+
+    cfg = GPTConfig(vocab_size=vocab_size, max_seq_len=max_seq_len, dim=dim, depth=depth, heads=heads,
+                    dim_head=dim_head, rotary_dim=rotary_dim, dropout=0.0)
+    model = GPT(cfg)
+    new = {"embed.weight": take("token_emb.emb.weight"),
+           "norm.weight": take("attn_layers.final_norm.gamma") + 1,  # x-transformers stores gain - 1
+           "head.weight": take("to_logits.weight")}
+    for i in range(depth):
+        a, f, b = f"attn_layers.layers.{2 * i}", f"attn_layers.layers.{2 * i + 1}", f"blocks.{i}"
+        new[f"{b}.norm1.weight"] = take(f"{a}.0.0.gamma") + 1
+        new[f"{b}.attn.qkv.weight"] = torch.cat([take(f"{a}.1.to_{n}.weight") for n in "qkv"])
+        # With one head and dim == dim_head, x-transformers has no to_out (Identity).
+        new[f"{b}.attn.out.weight"] = (take(f"{a}.1.to_out.weight") if f"{a}.1.to_out.weight" in sd
+                                       else torch.eye(dim))
+        new[f"{b}.norm2.weight"] = take(f"{f}.0.0.gamma") + 1
+        for ours, theirs in (("up", "ff.0.0"), ("down", "ff.2")):
+            new[f"{b}.mlp.{ours}.weight"] = take(f"{f}.1.{theirs}.weight")
+            new[f"{b}.mlp.{ours}.bias"] = take(f"{f}.1.{theirs}.bias")
+    unused = sorted(set(sd) - used)
+    if unused:
+        raise ValueError(f"x-transformers state dict has weights GPT cannot map: {', '.join(unused[:8])}"
+                         + (" ..." if len(unused) > 8 else ""))
+    try:
+        model.load_state_dict(new, strict=True)
+    except RuntimeError as e:  # shape mismatch, e.g. an MLP that is not 4x wide
+        raise ValueError(f"x-transformers weights do not fit GPT({cfg}): {e}") from None
+    return model

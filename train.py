@@ -35,11 +35,12 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import (CheckpointError, atomic_write, codec_from_checkpoint, load_checkpoint, save_checkpoint)
+from checkpoint import CheckpointError, codec_from_checkpoint, load_checkpoint, save_checkpoint
 from cli import native_bf16, non_negative, pick_device, positive, probability_or_zero
 from data import (BANDWIDTH_LEVELS, DEFAULT_FRAMES, FRAME_RATE, Codec, DataError, EncodedFiles, TokenDataset,
                   cache_path, encode_files, load_codec_for_training)
 from figures import CurvesWriter, curves_from_log
+from files import append_log, rewrite_log
 from model import ATTENTION_KINDS, GPT, GPTConfig
 from prepare import resolve_data
 from tokenizer import PATTERNS, CodecTokenizer
@@ -121,8 +122,7 @@ def train(args) -> GPT:
                 metrics = {"iter": it, "train_loss": train_loss,
                            **evaluate(raw_model, val_set.tokens, tokenizer, args.eval_batch_size, device, autocast),
                            "lr": lr_at(it, args), "elapsed_s": round(time.time() - t0, 2)}
-                with open(out_dir / "log.jsonl", "a") as log:
-                    log.write(json.dumps(metrics) + "\n")
+                append_log(out_dir / "log.jsonl", metrics)
                 tqdm.write(f"iter {it}: val loss {metrics['val_loss']:.4f} nats/code, "
                            f"{metrics['val_nats_per_frame']:.3f} nats/frame (levels "
                            + ", ".join(f"{x:.3f}" for x in metrics["val_loss_per_level"])
@@ -280,22 +280,6 @@ def restore(resumed: dict, path: Path, cfg: GPTConfig, model: GPT, optimizer, ba
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(f"{path}: cannot resume from it ({type(e).__name__}: {reason})") from None
-
-
-def rewrite_log(path: Path, upto: int, last: dict) -> None:
-    """Make the log end where the checkpoint we resume from ends: drop evaluations logged after it (the run was
-    killed between writing the log and the checkpoint) and lines cut short, and put the checkpoint's own back."""
-    kept = []
-    if path.exists():
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(entry, dict) and isinstance(entry.get("iter"), int) and entry["iter"] < upto:
-                kept.append(line)
-    kept.append(json.dumps(last))
-    atomic_write(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
 
 
 # ----------------------------------------------------------------------------------------------------

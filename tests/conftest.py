@@ -1,6 +1,5 @@
 """Shared fixtures: a small synthetic note folder, an untrained codec fitted to it, and one fast training run (each
 built once per session)."""
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
+import files  # noqa: E402
 import prepare  # noqa: E402
 
 REAL_GUITAR = ROOT.parent / "shared" / "data" / "real-guitar"
@@ -50,7 +50,7 @@ def run(script: str, *args: str, cwd) -> subprocess.CompletedProcess:
 
 
 def read_log(out_dir) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    return files.read_log(out_dir / "log.jsonl")
 
 
 @pytest.fixture(scope="session")

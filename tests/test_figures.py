@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import figures
+import files
 from conftest import run
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -34,7 +35,7 @@ def test_curves_from_logs_of_any_number_of_levels(tmp_path, levels):
     line cut short by a kill: the curves are drawn, atomically (no temporary file left)."""
     entries = fake_log(levels, extra={"val_nats_per_frame": 7.0})
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries) + '{"iter": 300, "val_lo')
-    assert len(figures.read_log(tmp_path / "log.jsonl")) == len(entries)
+    assert len(files.read_log(tmp_path / "log.jsonl")) == len(entries)
     path = figures.curves_from_log(tmp_path)
     assert path == tmp_path / "curves.png"
     width, height = png_size(path)
