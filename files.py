@@ -8,27 +8,49 @@ torch to write a picture).
   over the old one, so a reader sees the old file or the new one, never part of one, even after a kill.
 - read_log / append_log / rewrite_log: log.jsonl, one JSON object per evaluation (train.py and train_codec.py
   append them; figures.py draws them; --resume cuts the log back to the checkpoint it continues from).
+- WriteError: what both writers raise when the disk is full or any other write fails, after putting things back:
+  the file keeps its previous complete version and no temporary file is left. One line naming the file and the
+  free space left, which the programs print as their error.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import IO, Callable
 
 
+class WriteError(OSError):
+    """A file that could not be written (a full disk, a quota, a folder that cannot be written to), as one line."""
+
+
+def write_error(path: Path, e: OSError) -> WriteError:
+    """The WriteError for path: what the system said, and the space left on its disk (the usual cause)."""
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free on its disk"
+    except OSError:
+        free = "free space unknown"
+    error = WriteError(f"cannot write {path}: {e.strerror or e} ({free}); any previous version of it is unchanged")
+    error.errno = e.errno
+    return error
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Call write(f) on a temporary file beside path, flush it to disk, then rename it to path."""
+    """Call write(f) on a temporary file beside path, flush it to disk, then rename it to path. If anything fails
+    the temporary file is removed, so path is as it was; an OSError (ENOSPC...) becomes a WriteError."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # one per process: two writers never share a file
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(f.fileno())  # a full disk may only say so here, when the data really has to go to it
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise write_error(path, e) from None
         raise
     try:  # make the rename itself durable (a crash right after it could otherwise undo it)
         folder = os.open(path.parent, os.O_RDONLY)
@@ -58,14 +80,31 @@ def read_log(path: str | Path) -> list[dict]:
 
 
 def append_log(path: str | Path, entry: dict) -> None:
-    """One evaluation, one line."""
-    with open(path, "a") as log:
-        log.write(json.dumps(entry) + "\n")
+    """One evaluation, one line. If the line cannot be written whole (a full disk), the part written is cut off
+    again, so that the log keeps its earlier lines and the next line does not start in the middle of a broken one."""
+    path, line = Path(path), (json.dumps(entry) + "\n").encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise write_error(path, e) from None
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            rest = memoryview(line)
+            while rest:  # os.write may write part of it, then fail on the rest
+                rest = rest[os.write(fd, rest):]
+        except OSError as e:
+            os.ftruncate(fd, size)
+            raise write_error(path, e) from None
+    finally:
+        os.close(fd)
 
 
-def rewrite_log(path: str | Path, upto: int, last: dict) -> None:
-    """Make the log end where the checkpoint we resume from ends: drop evaluations logged after it (the run was
-    killed between writing the log and the checkpoint) and lines cut short, and put the checkpoint's own back."""
-    kept = [entry for entry in read_log(path) if entry["iter"] < upto] if Path(path).exists() else []
+def rewrite_log(path: str | Path, last: dict) -> None:
+    """Make the log end with the last evaluation of the checkpoint we resume from: drop evaluations logged after
+    it (the run was killed between writing the log and the checkpoint) and lines cut short, and put the
+    checkpoint's own back. A checkpoint written between evaluations (a run stopped by a signal) holds the
+    evaluation before it, which is where its log ends too: the steps after it have no line until the next one."""
+    kept = [entry for entry in read_log(path) if entry["iter"] < last["iter"]] if Path(path).exists() else []
     kept.append(last)
     atomic_write(path, lambda f: f.write("".join(json.dumps(entry) + "\n" for entry in kept).encode()))

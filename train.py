@@ -40,7 +40,8 @@ from cli import native_bf16, non_negative, pick_device, positive, probability_or
 from data import (BANDWIDTH_LEVELS, DEFAULT_FRAMES, FRAME_RATE, Codec, DataError, EncodedFiles, TokenDataset,
                   cache_path, encode_files, load_codec_for_training)
 from figures import CurvesWriter, curves_from_log
-from files import append_log, rewrite_log
+from files import WriteError, append_log, rewrite_log
+from guards import Diverged, NonFiniteSteps, StopSignals, Stopped, agree
 from model import ATTENTION_KINDS, GPT, GPTConfig
 from prepare import resolve_data
 from tokenizer import PATTERNS, CodecTokenizer
@@ -71,7 +72,9 @@ def train(args) -> GPT:
     # The data: notes -> codec -> codes (cached on disk) -> one token sequence per note
     codec, tokenizer, train_set, val_set = prepare_data_once(args, device, resumed, rank, world)
     seq_len = train_set.tokens.shape[-1]
-    # The model, and AdamW with weight decay on matrices only, not on norm gains and biases (as nanoGPT)
+    # The model, and AdamW with weight decay on matrices only, not on norm gains and biases (as nanoGPT). Fused
+    # (one kernel for all parameters, on CPU too) because the fused kernel can skip a step on the device: the
+    # non-finite step guard (guards.py) tells it to when a loss or gradient norm is NaN or infinite.
     cfg = GPTConfig(vocab_size=tokenizer.vocab_size, max_seq_len=seq_len - 1, dim=args.dim, depth=args.depth,
                     heads=args.heads, dim_head=args.dim_head, dropout=args.dropout, streams=tokenizer.streams)
     model = GPT(cfg).to(device)
@@ -80,15 +83,22 @@ def train(args) -> GPT:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
                                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.95), fused=device_type == "cuda")
+                                  lr=args.lr, betas=(0.9, 0.95), fused=True)
+    guard = NonFiniteSteps(optimizer, device, advice=f"try a lower --lr (this run: {args.lr:g}) or --dtype float32")
     batches = torch.Generator().manual_seed(args.seed)  # which notes go in each batch, the same on every rank
 
     out_dir = Path(args.out_dir)
     start_iter, best_val = 0, float("inf")
+    # The training loss since the last evaluation, summed on the device over the steps that counted (not skipped)
+    train_loss_sum, steps = torch.zeros((), device=device), torch.zeros((), device=device)
     if resumed:
         start_iter, best_val = restore(resumed, out_dir / "ckpt.pt", cfg, model, optimizer, batches, rank, device_type)
+        if "interval" in resumed:  # stopped between evaluations: the sums so far count towards the next one
+            train_loss_sum += resumed["interval"]["train_loss_sum"].to(device)
+            steps += resumed["interval"]["steps"].to(device)
+            guard.load_state_dict(resumed["interval"]["guard"])
         if master:
-            rewrite_log(out_dir / "log.jsonl", start_iter, resumed["metrics"])
+            rewrite_log(out_dir / "log.jsonl", resumed["metrics"])
             print(f"resuming from {out_dir / 'ckpt.pt'} at iteration {start_iter}")
     raw_model = model                            # what is evaluated and saved, without compile's or DDP's wrapper
     model = wrap_for_compile_and_ddp(model, args.compile, world, device)
@@ -101,68 +111,116 @@ def train(args) -> GPT:
               + (f"; DDP over {dist.get_backend()}: {world} process{'es' if world > 1 else ''} x {args.grad_accum} "
                  f"micro-steps of {micro_batch} notes" if dist.is_initialized() else ""))
 
-    def save(it: int, metrics: dict, path: Path, rng: dict | None = None) -> None:
+    last_metrics = resumed["metrics"] if resumed else None   # the last evaluation: what a checkpoint holds
+    last_saved = (out_dir / "ckpt.pt", start_iter) if resumed else None
+
+    def last_good() -> str:
+        """Where a diverged run can be continued from (every checkpoint written had finite weights)."""
+        if last_saved is None:
+            return "no checkpoint was written"
+        return f"the last checkpoint with finite weights is {last_saved[0]} (iteration {last_saved[1]})"
+
+    def save(it: int, metrics: dict, path: Path, rng: dict | None = None, interval: dict | None = None) -> None:
         ckpt = {"model": raw_model.state_dict(), "config": asdict(cfg), "tokenizer": tokenizer.state(),
                 "codec": codec.identity(), "iter_num": it, "best_val_loss": best_val, "metrics": metrics,
                 "args": vars(args)}
         if rng is not None:  # what --resume needs on top: the optimizer and every random stream
             ckpt.update(optimizer=optimizer.state_dict(), rng=rng)
+        if interval is not None:  # written between evaluations: what the next evaluation's log line sums
+            ckpt["interval"] = interval
         save_checkpoint(ckpt, path)
 
-    train_loss_sum, steps = torch.zeros((), device=device), 0
     curves = CurvesWriter(out_dir)               # out/curves.png, redrawn from the log after evaluations
     bar = tqdm(total=args.max_iters, initial=start_iter, desc="training", unit="step", disable=None if master else True)
     t0 = time.time()
-    for it in range(start_iter, args.max_iters + 1):
-        # Evaluate and save every --eval-interval steps (the checkpoint resumed from already holds its own evaluation)
-        if (it % args.eval_interval == 0 or it == args.max_iters) and not (resumed and it == start_iter):
-            train_loss = global_mean(train_loss_sum / steps, world) if steps else None
-            rng = random_states(world, device_type, batches)  # every rank takes part in gathering these
-            if master:
-                metrics = {"iter": it, "train_loss": train_loss,
-                           **evaluate(raw_model, val_set.tokens, tokenizer, args.eval_batch_size, device, autocast),
-                           "lr": lr_at(it, args), "elapsed_s": round(time.time() - t0, 2)}
-                append_log(out_dir / "log.jsonl", metrics)
-                tqdm.write(f"iter {it}: val loss {metrics['val_loss']:.4f} nats/code, "
-                           f"{metrics['val_nats_per_frame']:.3f} nats/frame (levels "
-                           + ", ".join(f"{x:.3f}" for x in metrics["val_loss_per_level"])
-                           + f"), accuracy {metrics['val_accuracy']:.3f}")
-                if metrics["val_loss"] < best_val:
-                    best_val = metrics["val_loss"]
-                    save(it, metrics, out_dir / "best.pt")
-                save(it, metrics, out_dir / "ckpt.pt", rng)
-                curves.update(final=it == args.max_iters)  # after the checkpoints: they matter more than a picture
-            train_loss_sum.zero_()
-            steps = 0
-        if it == args.max_iters:
-            break
+    stop, stopped_at = StopSignals(), None      # SIGTERM, SIGINT, SIGUSR1: finish the step, save, exit
+    with stop:
+        for it in range(start_iter, args.max_iters + 1):
+            # Evaluate and save every --eval-interval steps (not when the checkpoint resumed from holds this one)
+            if ((it % args.eval_interval == 0 or it == args.max_iters)
+                    and not (last_metrics is not None and last_metrics["iter"] == it)):
+                counted = int(steps.item())
+                train_loss = global_mean(train_loss_sum / counted, world) if counted else None
+                skipped = guard.take_skipped()
+                guard.raise_if_diverged(last_good())
+                rng = random_states(world, device_type, batches)  # every rank takes part in gathering these
+                metrics = None
+                if master:
+                    metrics = {"iter": it, "train_loss": train_loss, "skipped_steps": skipped,
+                               **evaluate(raw_model, val_set.tokens, tokenizer, args.eval_batch_size, device,
+                                          autocast),
+                               "lr": lr_at(it, args), "elapsed_s": round(time.time() - t0, 2)}
+                # rank 0 evaluates; every rank must learn that it failed, or the others would wait for it forever
+                val_loss = metrics["val_loss"] if master else math.nan
+                if agree(not math.isfinite(val_loss), device):
+                    guard.check_value("validation loss", val_loss, it, last_good())
+                guard.check_weights(raw_model.parameters(), it, last_good())
+                if master:
+                    append_log(out_dir / "log.jsonl", metrics)
+                    tqdm.write(f"iter {it}: val loss {metrics['val_loss']:.4f} nats/code, "
+                               f"{metrics['val_nats_per_frame']:.3f} nats/frame (levels "
+                               + ", ".join(f"{x:.3f}" for x in metrics["val_loss_per_level"])
+                               + f"), accuracy {metrics['val_accuracy']:.3f}"
+                               + (f"; {skipped} non-finite steps skipped" if skipped else ""))
+                    if metrics["val_loss"] < best_val:
+                        best_val = metrics["val_loss"]
+                        save(it, metrics, out_dir / "best.pt")
+                    save(it, metrics, out_dir / "ckpt.pt", rng)
+                    curves.update(final=it == args.max_iters)  # after the checkpoints: they matter more
+                last_metrics, last_saved = metrics, (out_dir / "ckpt.pt", it)
+                train_loss_sum.zero_()
+                steps.zero_()
+            if it == args.max_iters:
+                break
 
-        # One optimizer step. Every rank draws the same global batch (and the same condition dropout), so which
-        # notes a step sees does not depend on the number of processes; each rank takes its own slice of it.
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(it, args)
-        idx = torch.randint(len(train_set), (args.batch_size,), generator=batches)
-        notes = tokenizer.drop_conditions(train_set.tokens[idx], args.cond_dropout, batches)
-        for micro, batch in enumerate(notes.view(args.grad_accum, world, micro_batch, *notes.shape[1:])[:, rank]):
-            if isinstance(model, DDP):
-                # DDP all-reduces the gradients inside backward(). Before the last micro-step they only add up
-                # locally, so syncing them there would be wasted traffic: sync once per step (as nanoGPT does).
-                model.require_backward_grad_sync = micro == args.grad_accum - 1
-            with autocast:
-                loss, _ = next_token_loss(model, batch.to(device, non_blocking=True), tokenizer)
-            # / grad_accum: the summed gradients of the micro-steps are then those of the mean loss of the batch
-            loss = loss.mean() / args.grad_accum
-            loss.backward()
-            train_loss_sum += loss.detach()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        steps += 1
-        bar.update(1)
-        if (it + 1) % 10 == 0:  # .item() waits for the GPU, so not every step
-            bar.set_postfix(loss=f"{global_mean(train_loss_sum / steps, world):.3f}")
+            # One optimizer step. Every rank draws the same global batch (and the same condition dropout), so
+            # which notes a step sees does not depend on the number of processes; each rank takes its own slice.
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(it, args)
+            idx = torch.randint(len(train_set), (args.batch_size,), generator=batches)
+            notes = tokenizer.drop_conditions(train_set.tokens[idx], args.cond_dropout, batches)
+            step_loss = torch.zeros((), device=device)
+            for micro, batch in enumerate(notes.view(args.grad_accum, world, micro_batch, *notes.shape[1:])[:, rank]):
+                if isinstance(model, DDP):
+                    # DDP all-reduces the gradients inside backward(). Before the last micro-step they only add up
+                    # locally, so syncing them there would be wasted traffic: sync once per step (as nanoGPT does).
+                    model.require_backward_grad_sync = micro == args.grad_accum - 1
+                with autocast:
+                    loss, _ = next_token_loss(model, batch.to(device, non_blocking=True), tokenizer)
+                # / grad_accum: the summed gradients of the micro-steps are then those of the mean loss of the batch
+                loss = loss.mean() / args.grad_accum
+                loss.backward()
+                step_loss += loss.detach()
+            grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
+            grad_norm = (torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip) if args.grad_clip > 0
+                         else torch.nn.utils.get_total_norm(grads))
+            counts = guard.check(step_loss, grad_norm, it)   # on the device: no wait for the GPU
+            optimizer.step()                                 # which it skips when the step does not count
+            optimizer.zero_grad(set_to_none=True)
+            train_loss_sum += torch.where(counts > 0, step_loss, 0.0)   # (NaN x 0 would still be NaN)
+            steps += counts
+            bar.update(1)
+            if (it + 1) % 10 == 0:  # .item() waits for the GPU, so not every step
+                guard.raise_if_diverged(last_good())
+                bar.set_postfix(loss=f"{global_mean(train_loss_sum / steps.clamp(min=1), world):.3f}",
+                                skipped=int(guard.skipped.item()))
+            if stop.agreed(it, device):   # a signal arrived: this step is done, save it and stop
+                stopped_at = it + 1
+                break
     bar.close()
+    if stopped_at is not None:
+        # A checkpoint between evaluations, as resumable as theirs: the optimizer, every random stream (gathered
+        # from every rank), and the sums the next evaluation's log line needs. Its metrics stay those of the last
+        # evaluation, and so does the log: no line is made up for a step that was not evaluated.
+        rng = random_states(world, device_type, batches)
+        guard.check_weights(raw_model.parameters(), stopped_at, last_good())
+        interval = {"train_loss_sum": torch.tensor(global_mean(train_loss_sum, world)), "steps": steps.cpu(),
+                    "guard": guard.state_dict()}
+        if master:
+            save(stopped_at, last_metrics, out_dir / "ckpt.pt", rng, interval)
+            print(f"stopped by {stop.name} after step {stopped_at}: saved {out_dir / 'ckpt.pt'}; "
+                  "to continue, run the same command with --resume", flush=True)
+        raise Stopped(stop.exit_status)
     if master:
         print(f"done: best validation loss {best_val:.4f} nats/code; checkpoints in {out_dir}/")
     return raw_model
@@ -268,6 +326,8 @@ def restore(resumed: dict, path: Path, cfg: GPTConfig, model: GPT, optimizer, ba
     try:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
+        for group in optimizer.param_groups:  # older checkpoints saved fused=False (CPU): the guard needs fused
+            group["fused"], group["foreach"] = True, None
         # each rank's dropout stream; ranks beyond those saved (resuming on more processes) keep their fresh seed
         states = resumed["rng"].get("ranks") or [resumed["rng"]]
         if rank < len(states):
@@ -495,10 +555,13 @@ def main(argv=None) -> None:
     where = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     try:
         train(args)
-    except (DataError, CheckpointError) as e:
+    except (DataError, CheckpointError, Diverged, WriteError) as e:
         sys.exit(f"error{where}: {e}")
-    except KeyboardInterrupt:
-        sys.exit(f"interrupted{where}; the last checkpoint is in place, continue with --resume")
+    except Stopped as e:  # by a signal, after saving (train printed how to continue)
+        sys.exit(e.status)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        print(f"interrupted{where}; the last checkpoint is in place, continue with --resume", file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
