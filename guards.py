@@ -93,21 +93,31 @@ class StopSignals:
 
     def agreed(self, step: int, device: str) -> bool:
         """Whether every rank stops after this step (the same answer on all of them). The ranks compare flags only
-        every AGREE_EVERY_ON_GPU steps on a GPU, every step elsewhere; one process needs no comparison."""
+        every AGREE_EVERY_ON_GPU steps on a GPU, every step elsewhere; one process needs no comparison. A rank that
+        got no signal itself takes the one another rank got, for its message and exit status."""
         if not (dist.is_initialized() and dist.get_world_size() > 1):
             return self.stop_requested
         if device.startswith("cuda") and (step + 1) % AGREE_EVERY_ON_GPU:
             return False
-        return agree(self.stop_requested, device)
+        signum = largest(self.signum or 0, device)
+        if signum and self.signum is None:
+            self.signum = signum
+        return self.stop_requested
+
+
+def largest(value: int, device: str) -> int:
+    """The largest of value over every rank of the process group (value itself in one process). Every rank must
+    call it."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    t = torch.tensor(value, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def agree(flag: bool, device: str) -> bool:
     """flag, or-ed over every rank of the process group (itself in one process). Every rank must call it."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    t = torch.tensor(float(flag), device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return bool(largest(int(flag), device))
 
 
 class NonFiniteSteps:

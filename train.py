@@ -130,6 +130,21 @@ def train(args) -> GPT:
             ckpt["interval"] = interval
         save_checkpoint(ckpt, path)
 
+    def save_at_stop(it: int) -> None:
+        """A checkpoint between evaluations, as resumable as theirs: the optimizer, every random stream (gathered
+        from every rank), and the sums the next evaluation's log line needs. Its metrics stay those of the last
+        evaluation, and so does the log: no line is made up for a step that was not evaluated."""
+        rng = random_states(world, device_type, batches)
+        guard.check_weights(raw_model.parameters(), it, last_good())
+        interval = {"train_loss_sum": torch.tensor(global_mean(train_loss_sum, world)), "steps": steps.cpu(),
+                    "guard": guard.state_dict()}
+        if master:
+            save(it, last_metrics, out_dir / "ckpt.pt", rng, interval)
+            print(f"stopped by {stop.name} after step {it}: saved {out_dir / 'ckpt.pt'}; "
+                  "to continue, run the same command with --resume", flush=True)
+        if world > 1:
+            dist.barrier()  # no rank exits before rank 0 has saved: torchrun would stop it mid-write
+
     curves = CurvesWriter(out_dir)               # out/curves.png, redrawn from the log after evaluations
     bar = tqdm(total=args.max_iters, initial=start_iter, desc="training", unit="step", disable=None if master else True)
     t0 = time.time()
@@ -151,9 +166,8 @@ def train(args) -> GPT:
                                           autocast),
                                "lr": lr_at(it, args), "elapsed_s": round(time.time() - t0, 2)}
                 # rank 0 evaluates; every rank must learn that it failed, or the others would wait for it forever
-                val_loss = metrics["val_loss"] if master else math.nan
-                if agree(not math.isfinite(val_loss), device):
-                    guard.check_value("validation loss", val_loss, it, last_good())
+                if agree(master and not math.isfinite(metrics["val_loss"]), device):
+                    guard.check_value("validation loss", metrics["val_loss"] if master else math.nan, it, last_good())
                 guard.check_weights(raw_model.parameters(), it, last_good())
                 if master:
                     append_log(out_dir / "log.jsonl", metrics)
@@ -207,20 +221,10 @@ def train(args) -> GPT:
             if stop.agreed(it, device):   # a signal arrived: this step is done, save it and stop
                 stopped_at = it + 1
                 break
-    bar.close()
-    if stopped_at is not None:
-        # A checkpoint between evaluations, as resumable as theirs: the optimizer, every random stream (gathered
-        # from every rank), and the sums the next evaluation's log line needs. Its metrics stay those of the last
-        # evaluation, and so does the log: no line is made up for a step that was not evaluated.
-        rng = random_states(world, device_type, batches)
-        guard.check_weights(raw_model.parameters(), stopped_at, last_good())
-        interval = {"train_loss_sum": torch.tensor(global_mean(train_loss_sum, world)), "steps": steps.cpu(),
-                    "guard": guard.state_dict()}
-        if master:
-            save(stopped_at, last_metrics, out_dir / "ckpt.pt", rng, interval)
-            print(f"stopped by {stop.name} after step {stopped_at}: saved {out_dir / 'ckpt.pt'}; "
-                  "to continue, run the same command with --resume", flush=True)
-        raise Stopped(stop.exit_status)
+        bar.close()
+        if stopped_at is not None:  # (still inside `with stop`: torchrun SIGTERMs the ranks once one has exited)
+            save_at_stop(stopped_at)
+            raise Stopped(stop.exit_status)
     if master:
         print(f"done: best validation loss {best_val:.4f} nats/code; checkpoints in {out_dir}/")
     return raw_model
