@@ -4,7 +4,7 @@ Benchmarks: codecgpt side by side with x-transformers and the reference recipe, 
     python bench.py                       # CPU: sampling, training steps, encoding; prints a table
     python bench.py --device cuda         # the same on a GPU, plus compiled decoding, --compile training and MFU
     python bench.py --json bench.json     # also write every number (rewritten after every row)
-    python bench.py --only patterns       # one part: sample, train, encode or patterns
+    python bench.py --only patterns       # one part: sample, train, encode, patterns or guard
     python bench.py --device cuda --quick # the GPU check's short run (.ci/gpu): the rows of the H100 targets
 
 x-transformers is imported here and in the tests only (it is a dev dependency, requirements-dev.txt); codecgpt itself
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 import data
 import prepare
 from files import atomic_write
+from guards import NonFiniteSteps
 from cli import native_bf16
 from model import GPT, GPTConfig
 from sample import CompiledDecoder
@@ -273,6 +274,45 @@ def bench_training(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# The non-finite step guard (guards.py): what train.py's step costs with it
+
+def bench_guard(args) -> None:
+    """train.py's step (forward, cross-entropy, backward, clip_grad_norm_, AdamW) as it was before the guard
+    (foreach AdamW on CPU, no check), with fused AdamW alone, and with fused AdamW and the guard's check, which
+    is what train.py runs now. The check is a few scalar operations on the device and an all-reduce under torchrun."""
+    device = args.device
+    dim, depth, heads, batch = (64, 2, 2, 4) if args.quick and device == "cpu" else (
+        REFERENCE["dim"], REFERENCE["depth"], REFERENCE["heads"], 16)
+    seq = REFERENCE["max_seq_len"]
+    section = f"guard dim {dim} depth {depth} b{batch}"
+    print(f"\ntraining step with and without the non-finite step guard (dim {dim}, depth {depth}, batch {batch} x "
+          f"{seq + 1}, float32, grad clip 1.0)")
+    x = torch.randint(0, REFERENCE["num_tokens"], (batch, seq + 1), device=device)
+    rows = [("AdamW, no check (before)", False, False), ("fused AdamW, no check", True, False),
+            ("fused AdamW + non-finite check", True, True)]
+    for name, fused, check in rows:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=REFERENCE["num_tokens"], max_seq_len=seq, dim=dim, depth=depth,
+                              heads=heads, dropout=0.0)).to(device).train()
+        model.set_attention("fused" if device == "cuda" else "fast")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused or device == "cuda")
+        guard = NonFiniteSteps(opt, device, advice="") if check else None
+
+        def step():
+            loss = F.cross_entropy(model(x[:, :-1]).float().flatten(0, 1), x[:, 1:].flatten())
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if guard is not None:
+                guard.check(loss, norm, 0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        r = timed(step, args.repeats, device, warmup=2)
+        report(section, name, r, batch * seq / r["seconds"], "tokens/s", baseline="AdamW, no check (before)")
+        del model, opt
+
+
+# ----------------------------------------------------------------------------------------------------
 # Encoding
 
 def reference_encode(files: list[Path], codec: data.Codec, frames: int) -> None:
@@ -398,7 +438,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     p.add_argument("--only", default=None,
                    help="comma-separated parts to run, from: sample, train, encode, patterns (default: all; with "
-                        "--quick sample, train, encode)")
+                        "--quick sample, train, encode, guard)")
     p.add_argument("--quick", action="store_true",
                    help="the GPU check's short run (.ci/gpu; under 3 minutes on one H100): sampling at batch 1 and "
                         "256 without the naive loop, training at batch 125 (and dim 512 / depth 12 at 32) with the "
@@ -429,17 +469,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     cuda = args.device == "cuda"
     quick = {"repeats": 2 if cuda else 1, "batches": "1,256" if cuda else "1,4", "naive_max_batch": 0,
              "sample_tokens": SAMPLE_TOKENS if cuda else 32, "train_batches": "125" if cuda else "4",
-             "notes": 128 if cuda else 4, "only": "sample,train,encode"}
+             "notes": 128 if cuda else 4, "only": "sample,train,encode,guard"}
     usual = {"repeats": 3, "batches": "1,16,64,256" if cuda else "1,16,64", "naive_max_batch": 16,
              "sample_tokens": SAMPLE_TOKENS, "train_batches": "16,125", "notes": 64,
-             "only": "sample,train,encode,patterns"}
+             "only": "sample,train,encode,patterns,guard"}
     for name, value in (quick if args.quick else usual).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
     parts = set(args.only.split(","))
-    known = {"sample", "train", "encode", "patterns"}
+    known = {"sample", "train", "encode", "patterns", "guard"}
     if not parts <= known:
         p.error(f"--only: unknown parts {sorted(parts - known)}")
     args.parts = parts
@@ -483,8 +523,9 @@ def main(argv=None) -> None:
         SAVE_ROWS = lambda: write_json(args.json, info)  # noqa: E731
     t0 = time.time()
     # --quick puts the slowest part (compiling two training steps) last: under a time limit it is the one cut short
-    order = ("encode", "sample", "train") if args.quick else ("sample", "train", "encode", "patterns")
-    parts = {"sample": bench_sampling, "train": bench_training, "encode": bench_encoding, "patterns": bench_patterns}
+    order = ("encode", "sample", "guard", "train") if args.quick else ("sample", "train", "guard", "encode", "patterns")
+    parts = {"sample": bench_sampling, "train": bench_training, "encode": bench_encoding, "patterns": bench_patterns,
+             "guard": bench_guard}
     for part in order:
         if part in args.parts:
             parts[part](args)

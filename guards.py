@@ -5,13 +5,15 @@ What a long run needs to stop cleanly, for any training loop (train.py's, and th
   (SLURM's `--signal`) and SIGINT (Ctrl-C) into a request, `stop_requested`, that the loop reads between steps:
   it finishes the step it is in, saves, and exits with the conventional status 128 + the signal's number. A
   second Ctrl-C exits at once (KeyboardInterrupt), for when saving itself hangs.
-- agree: a flag that is true on any rank is true on all of them, so that every rank of a torchrun job stops (or
-  gives up) at the same step and rank 0 writes the checkpoint.
+- agree / largest: a flag (a signal number) that is set on any rank is set on all of them, so that every rank of a
+  torchrun job stops (or gives up) at the same step and rank 0 writes the checkpoint. Stopped: the exception a
+  trainer raises after saving, carrying the exit status.
 - NonFiniteSteps: a step whose loss or gradient norm is NaN or infinite is skipped, as torch.amp.GradScaler skips
   steps with inf gradients: fused AdamW reads `optimizer.found_inf` on the device and leaves the weights, its
   moments and its step count alone when it is 1. So deciding costs no wait for the GPU; the host reads the count
   only where the loop waits anyway (its progress line, its evaluations) and then raises Diverged, one line, when
   MAX_IN_A_ROW steps in a row were skipped: then the weights or the learning rate are to blame, not one batch.
+  check_value and check_weights raise it for a non-finite validation loss, and before a checkpoint is written.
 
 Imports torch and nothing of the project: a trainer of any model can use it unchanged.
 """
