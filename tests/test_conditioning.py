@@ -77,7 +77,6 @@ def test_dataset_puts_the_labels_in_the_tokens(synthetic_folder, fitted_codec):
         pitch_first, velocity_first, source_first = tok.condition_firsts
         assert ds.tokens[i, 1:4].tolist() == [pitch_first + int(pitch), velocity_first + int(velocity),
                                               source_first + NSYNTH_SOURCES.index(source)]
-    ds.files = [f.with_name("unlabelled.wav") for f in ds.files]
     unlabelled = data.TokenDataset(data.EncodedFiles(encoded.codes, [f.with_name(f"x{i}.wav") for i, f in
                                                                      enumerate(encoded.files)], []), tok)
     assert (unlabelled.tokens[:, 1:4] == tok.unknown).all()

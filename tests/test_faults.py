@@ -17,11 +17,18 @@ import checkpoint
 import data
 import sample
 import train
-from conftest import FAST, FAST_ITERS, ROOT, read_log, run_script, without_times
+from conftest import FAST, FAST_ITERS, ROOT, read_log, run, without_times
 from test_data import CountingCodec
 
 KILLS = 3
-SEED = int(os.environ.get("CODECGPT_KILL_SEED", time.time_ns() % 10_000))  # printed, to replay a failure
+SEED = int(os.environ.get("CODECGPT_KILL_SEED", time.time_ns() % 10_000))  # the kill moments: printed, to replay
+
+
+@pytest.fixture(autouse=True)
+def say_the_seed():
+    """Printed first by every test here, so that pytest shows it in any failure's captured output."""
+    print(f"kill moments drawn with seed {SEED}; replay them: CODECGPT_KILL_SEED={SEED} python -m pytest "
+          "tests/test_faults.py")
 
 
 def last_logged_iter(log) -> int:
@@ -70,7 +77,7 @@ def test_sigkill_at_random_moments_then_resume_exactly(tmp_path, fast_data_dir, 
         at_kill.append(ckpt["iter_num"])
     print(f"\nseed {SEED}: killed {KILLS} times, at checkpoint iterations {at_kill}")
 
-    result = run_script("train.py", *flags, "--resume", cwd=tmp_path)
+    result = run("train.py", *flags, "--resume", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     final = torch.load(out / "ckpt.pt", weights_only=True)
     reference = torch.load(reference_run / "ckpt.pt", weights_only=True)
@@ -210,7 +217,7 @@ def test_a_flipped_byte_loads_silently_in_torch_but_not_here(damaged, reference_
 def test_pickled_checkpoint_as_the_user_sees_it(damaged):
     """Run as a program, the refusal is exactly one line on stderr, with no traceback, and the payload never runs."""
     path = damaged / "pickled" / "ckpt.pt"
-    result = run_script("sample.py", "--ckpt", str(path), "--device", "cpu", cwd=damaged)
+    result = run("sample.py", "--ckpt", str(path), "--device", "cpu", cwd=damaged)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"error: {path}: refused: it holds a pickled object (posix.system), and a checkpoint may hold only tensors "

@@ -7,7 +7,6 @@ import http.server
 import re
 import shutil
 import threading
-from pathlib import Path
 from urllib.parse import unquote
 
 import pytest

@@ -3,7 +3,7 @@ when these values were recorded (commit 9620dba, before the readable-core redesi
 seed produces, on purpose or not, fails here; on purpose, re-record the values and say why in the commit."""
 import torch
 
-from conftest import read_log, run_script
+from conftest import read_log, run
 from model import GPT, GPTConfig
 from tokenizer import CodecTokenizer
 
@@ -29,7 +29,7 @@ PINNED_GUIDED_TOP_P = [[384, 1405, 933, 2033, 479, 1429, 759, 1892, 275, 1177, 5
 
 
 def test_seeded_training_run_gives_the_pinned_losses(tmp_path):
-    result = run_script("train.py", *PINNED_RUN, "--out-dir", "out", "--data-dir", "data", cwd=tmp_path)
+    result = run("train.py", *PINNED_RUN, "--out-dir", "out", "--data-dir", "data", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     log = {entry["iter"]: (entry["train_loss"], entry["val_loss"]) for entry in read_log(tmp_path / "out")}
     assert log.keys() == PINNED_LOSSES.keys()
