@@ -330,7 +330,7 @@ def test_sample_on_cuda_compiled_writes_wavs(cuda_run, guided, tmp_path):
 # The untrained codec's code for a frame is the nearest of its fitted codebook rows, and for its latents that choice
 # is decided by float32 rounding in a share of the frames: on the CPU, encodec's float32 codes equal the exact
 # (float64) nearest row for only 85% of the level-0 codes, and a relative change of 1e-6 in the latents (the size
-# of the difference between cuDNN's and the CPU's float32 convolutions) changes 13% of them (README, "GPU check").
+# of the difference between cuDNN's and the CPU's float32 convolutions) changes 13% of them (docs/gpu.md).
 # So the GPU must agree on at least this share of the codes at every level, and (the stricter check) every code
 # it picks must be a nearest row up to float32 rounding (NEAREST_SLACK): TF32 would miss that by 20x.
 CODE_AGREEMENT = 0.75

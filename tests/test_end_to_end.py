@@ -12,6 +12,7 @@ from checkpoint import load_checkpoint, model_from_checkpoint
 from model import GPT
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_logs(trained):
     """The loss falls well below chance (ln 2049 = 7.6) and every evaluation is logged with per-level losses."""
     _, out, result = trained
@@ -24,6 +25,7 @@ def test_training_lowers_the_loss_and_logs(trained):
     assert "training notes" in result.stdout and "done: best validation loss" in result.stdout
 
 
+@pytest.mark.slow
 def test_checkpoints_load_with_weights_only(trained):
     """ckpt.pt and best.pt hold only tensors and plain values, and rebuild the model that was trained."""
     _, out, _ = trained
@@ -40,6 +42,7 @@ def test_checkpoints_load_with_weights_only(trained):
     assert not list(out.glob("*.tmp*"))   # atomic_write left no temporary file behind
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(trained, tmp_path):
     """40 steps + --resume to 60 ends with the same weights and log as 60 steps in one go (CPU, same seed)."""
     work, out, _ = trained
@@ -62,6 +65,7 @@ def test_resume_continues_exactly(trained, tmp_path):
     assert strip(read_log(resumed)) == strip(read_log(tmp_path / "straight"))
 
 
+@pytest.mark.slow
 def test_sample_writes_wavs(trained, tmp_path):
     """sample.py writes --num-samples 24 kHz mono 16-bit WAVs of the trained length, and reports its speed."""
     work, out, _ = trained
@@ -77,6 +81,7 @@ def test_sample_writes_wavs(trained, tmp_path):
     assert "tokens/s" in result.stdout and "real-time factor" in result.stdout
 
 
+@pytest.mark.slow
 def test_sample_asked_for_more_than_the_model_makes_is_one_line(trained, tmp_path):
     """Too many seconds for the model is one line naming the flag (the flags' own ranges: tests/test_hostile.py)."""
     _, out, _ = trained
@@ -85,6 +90,7 @@ def test_sample_asked_for_more_than_the_model_makes_is_one_line(trained, tmp_pat
     assert str(stop.value.code).startswith("error: --seconds 5.0: this model makes at most 0.400 s")
 
 
+@pytest.mark.slow
 def test_broken_checkpoint_is_one_line(trained, tmp_path):
     """A truncated checkpoint and a missing one give a one-line error naming the file, not a traceback."""
     _, out, _ = trained
@@ -112,6 +118,7 @@ def test_train_reports_bad_data_clearly(tmp_path):
     assert "no readable audio" in str(stop.value.code)
 
 
+@pytest.mark.slow
 def test_sample_from_a_reference_notebook_checkpoint(tmp_path):
     """--xt-checkpoint samples an x-transformers state dict (shared ids, start token 0) with --codec-weights."""
     from encodec import EncodecModel

@@ -132,6 +132,7 @@ def test_thirty_minute_file_reads_only_what_is_needed(hostile):
     assert bytes_read() - before < 1_000_000
 
 
+@pytest.mark.slow
 def test_train_on_the_messy_folder(hostile, tmp_path):
     """train.py runs on the folder, exits 0, prints every skipped file with its reason, and trains on all the good
     ones."""
@@ -152,6 +153,7 @@ def test_train_on_the_messy_folder(hostile, tmp_path):
           f"{len(BAD)} skipped:\n" + "\n".join(f"  {name}: {reason}" for name, reason in BAD.items()))
 
 
+@pytest.mark.slow
 def test_a_folder_of_only_bad_files_is_one_clear_error(tmp_path):
     """Only bad files: exit 1 and a single error line that says there is no readable audio, no traceback (libmpg123
     may print warnings of its own about the damaged MP3)."""

@@ -119,6 +119,7 @@ def test_parallel_levels_of_one_frame_do_not_see_each_other():
             assert torch.equal(model(changed[..., :-1])[..., :P + t, :], base[..., :P + t, :])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pattern", MULTI)
 def test_guidance_and_compiled_decode_work_for_multistream(pattern):
     """Guidance at scale 0 samples exactly what the unconditional prompt alone samples; the compiled decode
@@ -179,6 +180,7 @@ def pattern_runs(tmp_path_factory, fast_data_dir):
     return outs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pattern", MULTI)
 def test_training_logs_each_level_and_nats_per_frame(pattern_runs, pattern):
     """Every evaluation logs 4 per-level losses and val_nats_per_frame = their sum; the loss falls; the
@@ -198,6 +200,7 @@ def test_training_logs_each_level_and_nats_per_frame(pattern_runs, pattern):
     assert ckpt["config"]["max_seq_len"] == 4 + (18 if pattern == "delay" else 15) - 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pattern", MULTI)
 def test_sample_takes_the_pattern_from_the_checkpoint(pattern_runs, pattern, tmp_path):
     """sample.py writes notes of the trained length with guidance and a continuation, reports frames/s, and
@@ -225,11 +228,13 @@ def test_sample_takes_the_pattern_from_the_checkpoint(pattern_runs, pattern, tmp
 
 @pytest.mark.parametrize("flags,flag", [(["--pattern", "spiral"], "--pattern"), (["--bandwidth", "7"], "--bandwidth"),
                                         (["--bandwidth", "48"], "--bandwidth")])
+@pytest.mark.slow
 def test_train_refuses_unknown_patterns_and_bandwidths(flags, flag, tmp_path):
     result = run("train.py", *flags, "--out-dir", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 2 and flag in result.stderr
 
 
+@pytest.mark.slow
 def test_checkpoints_from_before_patterns_sample_and_resume_as_before(reference_run, fast_data_dir, tmp_path):
     """A flatten checkpoint without the new entries (tokenizer "pattern", config "streams", args "pattern"), as
     written before patterns existed, samples exactly the same WAV as the same checkpoint with them, and resumes."""

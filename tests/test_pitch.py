@@ -132,6 +132,7 @@ def test_missing_dependency_says_how_to_install(monkeypatch):
         pitch.estimate_f0(np.zeros(24_000), 24_000)
 
 
+@pytest.mark.slow
 def test_command_line_single_file_and_labelled_folder(tmp_path):
     sr = 16_000
     sf.write(tmp_path / "note.wav", sine(64, 1.0, sr), sr)
@@ -233,6 +234,7 @@ def test_loudness_on_the_real_notes_that_carry_a_velocity(show_in_summary):
         assert pitch.levels_db(audio * 0.25, sr) == pytest.approx((peak - 12.041, attack - 12.041), abs=1e-3)
 
 
+@pytest.mark.slow
 def test_command_line_reads_velocities_from_nsynth_names(tmp_path):
     """A folder without metadata.csv: the NSynth-named notes in it are labelled by their names, so the report ranks
     their loudness; three sines made louder with velocity rank perfectly, and a folder of no such notes is an error."""
