@@ -6,7 +6,9 @@ Checkpoints that must not be trusted blindly.
   always uses weights_only=True (a checkpoint can hold tensors and plain values only, never code to run), checks
   the digest when there is one (checkpoints from before it have none and still load), and turns every problem
   into a CheckpointError of one line naming the file. Written with files.atomic_write, as every file is.
-- model_from_checkpoint, tokenizer_from_checkpoint, codec_from_checkpoint: what train.py saved, rebuilt.
+- model_from_checkpoint, tokenizer_from_checkpoint, codec_from_checkpoint: what train.py saved, rebuilt;
+  load_for_sampling all three, checked to fit; load_reference_for_sampling the same from the reference notebook's
+  x-transformers weights.
 """
 from __future__ import annotations
 
@@ -146,3 +148,14 @@ def load_for_sampling(path: str | Path, codec_weights: str | None = None):
     if codec.levels != tokenizer.levels:
         raise CheckpointError(f"{path}: its codec has {codec.levels} levels, its tokenizer {tokenizer.levels}")
     return model, tokenizer, codec
+
+
+def load_reference_for_sampling(path: str | Path, heads: int, dim_head: int, codec_weights: str | None = None):
+    """(model, tokenizer, codec) from the reference notebook's x-transformers state dict: 2 levels of the
+    pretrained codec at 1.5 kbps in one shared code vocabulary, start token 0, 250 tokens."""
+    state = load_checkpoint(path)
+    try:
+        model = GPT.from_x_transformers(state, heads=heads, dim_head=dim_head, max_seq_len=250)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return model, CodecTokenizer(levels=2, layout="shared"), Codec.pretrained(1.5, codec_weights)

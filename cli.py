@@ -1,13 +1,21 @@
 """Command-line plumbing shared by train.py and sample.py: flag values checked with a message that names the flag
-(argparse adds the name), and the device choice. bench.py uses the device checks too."""
+(argparse adds the name), the flags both programs take (--device, --attention, --codec-weights) and how their
+defaults are resolved, and the one-line exit for a user's mistake. bench.py uses the device checks too."""
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
+from typing import Callable
 
 import torch
 
+from checkpoint import CheckpointError
 from data import DataError
+from files import WriteError
+from guards import Diverged, Stopped
+from model import ATTENTION_KINDS
 
 
 def positive(kind):
@@ -64,3 +72,41 @@ def pick_device(name: str) -> str:
     if name == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda: no CUDA device is available")
     return name
+
+
+# ----------------------------------------------------------------------------------------------------
+# Flags both programs take
+
+def add_shared_flags(group, attention_auto: str) -> None:
+    """--device, --attention and --codec-weights, with the same names, checks and help in train.py and sample.py;
+    attention_auto says what --attention auto means for that program (pick_attention)."""
+    group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="auto = cuda when available (default: auto)")
+    group.add_argument("--attention", choices=("auto", *ATTENTION_KINDS), default="auto",
+                       help="explicit (the textbook formula), fast (the same, in fewer passes with a cheaper dropout "
+                            "mask on CPU) or fused (scaled_dot_product_attention, flash on CUDA); auto = "
+                            f"{attention_auto} (default: auto)")
+    group.add_argument("--codec-weights", default=None,
+                       help="a local encodec_24khz-d7cc33bc.th, for the pretrained codec, instead of downloading it")
+
+
+def pick_attention(name: str, device: str, training: bool) -> str:
+    """--attention auto -> the faster path, as measured (bench.py): fused (scaled_dot_product_attention) on CUDA,
+    and for sampling on a CPU too (one query row per step); for training on a CPU, fast."""
+    if name != "auto":
+        return name
+    return "fused" if device.startswith("cuda") or not training else "fast"
+
+
+def run_or_exit(program: Callable[[], object]) -> None:
+    """Run a program's body; a DataError or CheckpointError (a user's mistake or a damaged file), a Diverged run or a
+    WriteError (a full disk) ends it with one line and exit status 1, no traceback; Stopped (a signal, after saving)
+    with its own status, 128 + the signal's number. Under torchrun every rank reports its own (it may be the only
+    one)."""
+    where = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    try:
+        program()
+    except (DataError, CheckpointError, Diverged, WriteError) as e:
+        sys.exit(f"error{where}: {e}")
+    except Stopped as e:  # by a signal, after saving what there was to save (the program said how to go on)
+        sys.exit(e.status)

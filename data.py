@@ -37,12 +37,13 @@ import torch
 from tqdm import tqdm
 
 from files import atomic_write
-from tokenizer import CODEBOOK_SIZE, NSYNTH_SOURCES, CodecTokenizer
+from tokenizer import NSYNTH_SOURCES, CodecTokenizer
 
 SAMPLE_RATE = 24_000     # EnCodec 24 kHz
 FRAME_RATE = 75          # codec frames per second (hop of 320 samples)
 HOP = SAMPLE_RATE // FRAME_RATE
 BANDWIDTH_LEVELS = {1.5: 2, 3.0: 4, 6.0: 8, 12.0: 16, 24.0: 32}   # kbps -> number of codebooks (levels)
+CODEBOOK_SIZE = 1024     # codes per codebook (CodecTokenizer's codebook_size)
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg")
 DEFAULT_FRAMES = 125     # like the reference: 125 frames = 1.667 s = 250 tokens at 2 levels
 

@@ -12,7 +12,6 @@ importing it is slow and train.py starts many times (the tests, torchrun's proce
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings

@@ -13,7 +13,6 @@ named `it's <b> & "x".wav` shows as such.
 """
 from __future__ import annotations
 
-import argparse
 import html
 import math
 from datetime import datetime
@@ -46,17 +45,6 @@ def esc(value) -> str:
 def link(path: Path) -> str:
     """A relative, percent-encoded link to a file beside the page, escaped for an attribute."""
     return esc(quote(path.name))
-
-
-def run_settings(args: argparse.Namespace) -> dict[str, str]:
-    """What sample.py was asked for that is the same for every note, as label -> value."""
-    optional = lambda v: "off" if v is None else str(v)
-    settings = {"source": args.source or "unknown", "cfg": f"{args.cfg:g}", "temperature": f"{args.temperature:g}",
-                "top-k": optional(args.top_k), "top-p": optional(args.top_p), "seed": str(args.seed),
-                "checkpoint": args.xt_checkpoint or args.ckpt}
-    if args.prompt:
-        settings["prompt"] = f"{args.prompt} (first {args.prompt_seconds:g} s)"
-    return settings
 
 
 def draw_missing_spectrograms(notes: list[NoteResult]) -> None:
@@ -96,12 +84,13 @@ def measured_cell(note: NoteResult, measured: bool) -> str:
     return f"{pitch}<br>peak {note.peak_db:.1f} dBFS<br>attack {note.attack_db:.1f} dBFS"
 
 
-def write_samples_page(args: argparse.Namespace, notes: list[NoteResult], summary: PitchSummary | None) -> Path:
-    """Write index.html into args.out_dir for notes (NoteResults of the WAVs there: measured ones when summary is
-    given, i.e. after --report), drawing the spectrograms they lack first. Returns the page's path."""
-    out_dir = Path(args.out_dir)
+def write_samples_page(out_dir: str | Path, settings: dict[str, str], notes: list[NoteResult],
+                       summary: PitchSummary | None) -> Path:
+    """Write index.html into out_dir for notes (NoteResults of the WAVs there: measured ones when summary is given,
+    i.e. after --report), drawing the spectrograms they lack first. settings: what was asked that is the same for
+    every note, label -> value (a note's own pitch and velocity come from its NoteResult). Returns the page's path."""
+    out_dir = Path(out_dir)
     draw_missing_spectrograms(notes)
-    settings = run_settings(args)
     if summary is None:
         summary_html = ("<p>Not measured: run sample.py with <code>--report</code> (and <code>--pitch</code>) to "
                         "measure each note's pitch and loudness.</p>")

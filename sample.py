@@ -17,8 +17,8 @@ the checkpoint. Writes OUT_DIR/index.html beside the WAVs, a page to listen to t
 from __future__ import annotations
 
 import argparse
-import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -26,109 +26,91 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, load_checkpoint, load_for_sampling
-from cli import non_negative, pick_device, positive, probability
+from checkpoint import load_for_sampling, load_reference_for_sampling
+from cli import add_shared_flags, non_negative, pick_attention, pick_device, positive, probability, run_or_exit
 from data import FRAME_RATE, HOP, SAMPLE_RATE, Codec, DataError, read_audio
-from model import ATTENTION_KINDS, GPT, KVCache
+from model import GPT, KVCache
 from page import write_samples_page
 from pitch import NoteResult, pitch_report
 from tokenizer import MIDI_VALUES, NSYNTH_SOURCES, PATTERNS, CodecTokenizer
 
 
-def midi_numbers(what: str, example: str, example_range: str):
-    """An argparse type for --pitch and --velocity: '60', '60,64,67' or '48-72' (inclusive) -> MIDI numbers, each in
-    0..127, in the order given; a number given twice is made once (--num-samples asks for several takes)."""
-    def parse(text: str) -> list[int]:
-        try:
-            values = []
-            for part in text.split(","):
-                low, _, high = part.strip().partition("-")
-                values += list(range(int(low), int(high) + 1)) if high else [int(low)]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a MIDI {what}, a list like {example} or a range like "
-                                             f"{example_range}, got {text!r}") from None
-        bad = [v for v in values if not 0 <= v < MIDI_VALUES]
-        if bad or not values:
-            raise argparse.ArgumentTypeError(f"MIDI {what} values are 0..127, got {text!r}")
-        return list(dict.fromkeys(values))
-    return parse
+def sample(args) -> list[Path]:
+    """Generate the notes asked for, write them as WAVs with a page to hear them; returns the WAVs' paths."""
+    device = pick_device(args.device)
+    model, tokenizer, codec = load_model(args)
+    model.to(device).eval()
+    codec.to(device)
+    model.set_attention(pick_attention(args.attention, device, training=False))
+    decoder = CompiledDecoder(model, mode="reduce-overhead" if device == "cuda" else None) if args.compile else None
+    frames = check_request(args, model, tokenizer)
+    prompt_codes = encode_prompt(args, codec, frames) if args.prompt else None
+    source = None if args.source is None else NSYNTH_SOURCES.index(args.source)
+    conditioned = args.pitch is not None or args.velocity is not None or args.source is not None
+    guided = conditioned and args.cfg != 1.0       # guidance runs every note twice: with and without conditions
+
+    # Every new token is drawn among the codes of the level its position holds (given: the prompt's codes stay)
+    length = tokenizer.prefix + tokenizer.steps(frames)
+    allowed = tokenizer.allowed(length, device, given=None if prompt_codes is None else prompt_codes[0])
+    generator = torch.Generator(device).manual_seed(args.seed)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs, written, speed = planned_notes(args), [], Speed(device)
+    with tqdm(total=len(jobs), desc="sampling", unit="note", disable=None) as bar:
+        for start in range(0, len(jobs), args.batch_size):
+            batch = jobs[start:start + args.batch_size]
+            pitch = None if args.pitch is None else torch.tensor([midi for _, midi, _ in batch])
+            velocity = None if args.velocity is None else torch.tensor([velocity for _, _, velocity in batch])
+            prompt = tokenizer.prompt(len(batch), pitch, velocity, source, codes=prompt_codes, device=device)
+            with speed.generating(len(batch) * (length - prompt.shape[-1]) * tokenizer.streams):
+                tokens = model.generate(prompt, length - prompt.shape[-1], temperature=args.temperature,
+                                        top_k=args.top_k, top_p=args.top_p, use_kv_cache=not args.no_kv_cache,
+                                        generator=generator, allowed=allowed, cfg_scale=args.cfg, decoder=decoder,
+                                        uncond_prompt=tokenizer.unconditional(prompt) if guided else None)
+            audio = codec.decode(tokenizer.decode(tokens)).clamp(-1, 1).cpu().numpy()
+            for (name, midi, velocity), wav in zip(batch, audio):
+                sf.write(out_dir / name, wav.astype(np.float32), SAMPLE_RATE, subtype="PCM_16")
+                written.append((out_dir / name, midi, velocity))
+            bar.update(len(batch))
+
+    new_frames = frames - (0 if prompt_codes is None else prompt_codes.shape[-1])
+    what = f" (the first {args.prompt_seconds} s from {args.prompt})" if args.prompt else ""
+    print(f"wrote {len(written)} notes of {frames / FRAME_RATE:.3f} s{what} to {out_dir}/; "
+          + speed.line(len(written), new_frames, frames, guided))
+    summary = pitch_report(written) if args.report else None
+    notes = summary.notes if summary else [NoteResult(path, midi, velocity) for path, midi, velocity in written]
+    print(f"listen: {write_samples_page(out_dir, asked_settings(args), notes, summary)}")
+    return [path for path, _, _ in written]
 
 
-pitches = midi_numbers("pitch", "60,64,67", "48-72")
-velocities = midi_numbers("velocity", "25,75,127", "25-127")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default="out/best.pt", help="checkpoint written by train.py (default: out/best.pt)")
-    p.add_argument("--xt-checkpoint", default=None,
-                   help="instead of --ckpt: a state dict saved by the reference notebook (x-transformers "
-                        "TransformerWrapper, shared code ids, start token 0, pretrained codec at 1.5 kbps)")
-    p.add_argument("--xt-heads", type=positive(int), default=4, help="heads of the --xt-checkpoint model (default: 4)")
-    p.add_argument("--xt-dim-head", type=positive(int), default=64,
-                   help="head width of the --xt-checkpoint model (default: 64)")
-    p.add_argument("--codec-weights", default=None,
-                   help="local encodec_24khz-d7cc33bc.th, for checkpoints trained with the pretrained codec")
-    p.add_argument("--num-samples", type=positive(int), default=None,
-                   help="notes to generate (default: 4; with --pitch, 1 per pitch)")
-    p.add_argument("--batch-size", type=positive(int), default=16, help="notes generated at once (default: 16)")
-    p.add_argument("--seconds", type=positive(float), default=None,
-                   help="length of each note (default and maximum: the length the model was trained on)")
-    p.add_argument("--temperature", type=non_negative(float), default=1.0,
-                   help="sampling temperature, 0 = always the most likely token (default: 1.0)")
-    p.add_argument("--top-k", type=positive(int), default=None, help="sample among the k most likely codes (default: off)")
-    p.add_argument("--top-p", type=probability, default=None,
-                   help="sample among the most likely codes whose probability adds up to p, in (0, 1] (default: off)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    c = p.add_argument_group("asking for a note (models trained with conditions, the default of train.py)")
-    c.add_argument("--pitch", type=pitches, default=None,
-                   help="MIDI pitch (60 = middle C), a list (60,64,67) or a range (48-72): --num-samples notes per "
-                        "pitch, files named after it (default: unknown)")
-    c.add_argument("--velocity", type=velocities, default=None,
-                   help="MIDI velocity 0..127 (NSynth has 25, 50, 75, 100, 127), a list (25,75,127) or a range: "
-                        "--num-samples notes per pitch and velocity; with several, files are named after it too "
-                        "(default: unknown)")
-    c.add_argument("--source", choices=NSYNTH_SOURCES, default=None, help="instrument source (default: unknown)")
-    c.add_argument("--cfg", type=non_negative(float), default=3.0,
-                   help="classifier-free guidance: logits = uncond + CFG * (cond - uncond); 1 = plain conditional "
-                        "sampling, 0 = ignore the conditions, above 1 = follow them more (default: 3.0)")
-    c.add_argument("--prompt", default=None, help="an audio file whose start the model continues")
-    c.add_argument("--prompt-seconds", type=positive(float), default=0.5,
-                   help="seconds of --prompt to keep and continue from (default: 0.5)")
-    c.add_argument("--report", action="store_true",
-                   help="with --pitch: estimate each note's f0 and loudness, print the error in cents and the "
-                        "levels, and a summary 'pitch accuracy: N of M within 50 cents' and, with several "
-                        "velocities, 'loudness vs velocity: rank correlation R over N notes' (also on the page)")
-    p.add_argument("--pattern", choices=PATTERNS, default=None,
-                   help="the checkpoint's codebook pattern, which sampling always uses; giving another is an error "
-                        "(default: the checkpoint's)")
-    p.add_argument("--out-dir", default="samples",
-                   help="where sample_{i}.wav go, with a spectrogram PNG each and index.html, a page to listen to "
-                        "them in a browser (default: samples)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto = cuda when available (default: auto)")
-    p.add_argument("--attention", choices=("auto", *ATTENTION_KINDS), default="auto",
-                   help="attention path; auto = fused (scaled_dot_product_attention: the faster one for sampling, "
-                        "on CPU too) (default: auto)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the one-token decode step; on CUDA it becomes a CUDA graph (one launch per "
-                        "token). Compiling takes tens of seconds first on a CPU: worth it for many or long batches")
-    p.add_argument("--no-kv-cache", action="store_true",
-                   help="re-run the whole sequence for every token, like the reference (slow; for comparison)")
-    return p.parse_args(argv)
-
+# ----------------------------------------------------------------------------------------------------
+# What sample() calls: the model, the request checked, the notes to make, their speed
 
 def load_model(args) -> tuple[GPT, CodecTokenizer, Codec]:
     """The model, its tokenizer and the codec it was trained with, from --ckpt or --xt-checkpoint."""
     if args.xt_checkpoint:
-        state = load_checkpoint(args.xt_checkpoint)
-        try:
-            model = GPT.from_x_transformers(state, heads=args.xt_heads, dim_head=args.xt_dim_head, max_seq_len=250)
-        except ValueError as e:
-            raise CheckpointError(f"{args.xt_checkpoint}: {e}") from None
-        tokenizer = CodecTokenizer(levels=2, layout="shared")
-        return model, tokenizer, Codec.pretrained(1.5, args.codec_weights)
+        return load_reference_for_sampling(args.xt_checkpoint, args.xt_heads, args.xt_dim_head, args.codec_weights)
     return load_for_sampling(args.ckpt, args.codec_weights)
+
+
+def check_request(args, model: GPT, tokenizer: CodecTokenizer) -> int:
+    """The flags that depend on the checkpoint, checked against it; returns the frames to make per note."""
+    name = args.xt_checkpoint or args.ckpt
+    conditioned = args.pitch is not None or args.velocity is not None or args.source is not None
+    if conditioned and not tokenizer.conditions:
+        raise DataError(f"{name} was trained without conditions (--unconditional or the reference's model): "
+                        "--pitch, --velocity and --source need a model trained with them")
+    if args.report and args.pitch is None:
+        raise DataError("--report measures whether notes have the asked pitch: give --pitch")
+    if args.pattern is not None and args.pattern != tokenizer.pattern:
+        raise DataError(f"--pattern {args.pattern}: {name} was trained with the {tokenizer.pattern} pattern (the "
+                        "pattern is taken from the checkpoint)")
+    max_frames = tokenizer.frames(model.cfg.max_seq_len + 1 - tokenizer.prefix)
+    frames = max_frames if args.seconds is None else round(args.seconds * FRAME_RATE)
+    if not 0 < frames <= max_frames:
+        raise DataError(f"--seconds {args.seconds}: this model makes at most {max_frames / FRAME_RATE:.3f} s "
+                        f"({max_frames} frames)")
+    return frames
 
 
 def encode_prompt(args, codec: Codec, max_frames: int) -> torch.Tensor:
@@ -144,32 +126,9 @@ def encode_prompt(args, codec: Codec, max_frames: int) -> torch.Tensor:
     return codec.encode(audio).cpu()
 
 
-def sample(args) -> list[Path]:
-    device = pick_device(args.device)
-    model, tokenizer, codec = load_model(args)
-    model.to(device).eval()
-    codec.to(device)
-    model.set_attention("fused" if args.attention == "auto" else args.attention)
-    decoder = CompiledDecoder(model, mode="reduce-overhead" if device == "cuda" else None) if args.compile else None
-
-    conditioned = args.pitch is not None or args.velocity is not None or args.source is not None
-    if conditioned and not tokenizer.conditions:
-        raise DataError(f"{args.xt_checkpoint or args.ckpt} was trained without conditions (--unconditional or the "
-                        "reference's model): --pitch, --velocity and --source need a model trained with them")
-    if args.report and args.pitch is None:
-        raise DataError("--report measures whether notes have the asked pitch: give --pitch")
-    if args.pattern is not None and args.pattern != tokenizer.pattern:
-        raise DataError(f"--pattern {args.pattern}: {args.xt_checkpoint or args.ckpt} was trained with the "
-                        f"{tokenizer.pattern} pattern (the pattern is taken from the checkpoint)")
-    max_frames = tokenizer.frames(model.cfg.max_seq_len + 1 - tokenizer.prefix)
-    frames = max_frames if args.seconds is None else round(args.seconds * FRAME_RATE)
-    if not 0 < frames <= max_frames:
-        raise DataError(f"--seconds {args.seconds}: this model makes at most {max_frames / FRAME_RATE:.3f} s "
-                        f"({max_frames} frames)")
-    prompt_codes = encode_prompt(args, codec, frames) if args.prompt else None
-    source = None if args.source is None else NSYNTH_SOURCES.index(args.source)
-
-    # one job per note: (file name, pitch or None, velocity or None), every pitch at every velocity
+def planned_notes(args) -> list[tuple[str, int | None, int | None]]:
+    """One (file name, pitch or None, velocity or None) per note: --num-samples of every pitch at every velocity,
+    named after what was asked (sample_pitch60_vel25_0.wav), so that a folder of notes says what each one is."""
     per_pitch = args.num_samples or (1 if args.pitch else 4)
     stem = f"continue_{Path(args.prompt).stem}" if args.prompt else "sample"
     several_velocities = len(args.velocity or []) > 1
@@ -180,52 +139,43 @@ def sample(args) -> list[Path]:
                 name = (stem + ("" if midi is None else f"_pitch{midi}")
                         + (f"_vel{velocity}" if several_velocities else ""))
                 jobs.append((f"{name}_{i}.wav" if per_pitch > 1 or midi is None else f"{name}.wav", midi, velocity))
+    return jobs
 
-    length = tokenizer.prefix + tokenizer.steps(frames)
-    allowed = tokenizer.allowed(length, device, given=None if prompt_codes is None else prompt_codes[0])
-    new_frames = frames - (0 if prompt_codes is None else prompt_codes.shape[-1])
-    generator = torch.Generator(device).manual_seed(args.seed)
-    guided = conditioned and args.cfg != 1.0
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written, gen_time, new_total, total_start = [], 0.0, 0, time.time()
-    with tqdm(total=len(jobs), desc="sampling", unit="note", disable=None) as bar:
-        for start in range(0, len(jobs), args.batch_size):
-            batch = jobs[start:start + args.batch_size]
-            n = len(batch)
-            pitch = None if args.pitch is None else torch.tensor([midi for _, midi, _ in batch])
-            velocity = None if args.velocity is None else torch.tensor([velocity for _, _, velocity in batch])
-            prompt = tokenizer.prompt(n, pitch, velocity, source, codes=prompt_codes, device=device)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t = time.time()
-            tokens = model.generate(prompt, length - prompt.shape[-1], temperature=args.temperature, top_k=args.top_k,
-                                    top_p=args.top_p, use_kv_cache=not args.no_kv_cache, generator=generator,
-                                    allowed=allowed, cfg_scale=args.cfg, decoder=decoder,
-                                    uncond_prompt=tokenizer.unconditional(prompt) if guided else None)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            gen_time += time.time() - t
-            new_total += n * (length - prompt.shape[-1]) * tokenizer.streams
-            audio = codec.decode(tokenizer.decode(tokens)).clamp(-1, 1).cpu().numpy()
-            for (name, midi, velocity), wav in zip(batch, audio):
-                path = out_dir / name
-                sf.write(path, wav.astype(np.float32), SAMPLE_RATE, subtype="PCM_16")
-                written.append((path, midi, velocity))
-            bar.update(n)
-    total = time.time() - total_start
-    seconds_audio = len(jobs) * frames / FRAME_RATE
-    what = f" (the first {args.prompt_seconds} s from {args.prompt})" if args.prompt else ""
-    print(f"wrote {len(written)} notes of {frames / FRAME_RATE:.3f} s{what} to {out_dir}/; "
-          f"{new_total / gen_time:.0f} tokens/s" + (" (x2 with guidance)" if guided else "")
-          + f", {len(jobs) * new_frames / gen_time:.0f} frames/s, real-time factor {seconds_audio / total:.2f} "
-          f"({seconds_audio:.1f} s of audio in {total:.1f} s, codec decoding included)")
-    summary = None
-    if args.report:
-        summary = pitch_report(written)
-    notes = summary.notes if summary else [NoteResult(path, midi, velocity) for path, midi, velocity in written]
-    print(f"listen: {write_samples_page(args, notes, summary)}")
-    return [path for path, _, _ in written]
+
+def asked_settings(args) -> dict[str, str]:
+    """What was asked that is the same for every note, as label -> value, for the samples page."""
+    optional = lambda v: "off" if v is None else str(v)
+    settings = {"source": args.source or "unknown", "cfg": f"{args.cfg:g}", "temperature": f"{args.temperature:g}",
+                "top-k": optional(args.top_k), "top-p": optional(args.top_p), "seed": str(args.seed),
+                "checkpoint": args.xt_checkpoint or args.ckpt}
+    if args.prompt:
+        settings["prompt"] = f"{args.prompt} (first {args.prompt_seconds:g} s)"
+    return settings
+
+
+class Speed:
+    """How fast notes were made: the time spent generating tokens (the codec's decoding left out) and in all."""
+
+    def __init__(self, device: str):
+        self.device, self.generate_s, self.tokens, self.start = device, 0.0, 0, time.time()
+
+    @contextmanager
+    def generating(self, new_tokens: int):
+        if self.device == "cuda":  # kernels run asynchronously: wait for them before and after reading the clock
+            torch.cuda.synchronize()
+        t = time.time()
+        yield
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        self.generate_s += time.time() - t
+        self.tokens += new_tokens
+
+    def line(self, notes: int, new_frames: int, frames: int, guided: bool) -> str:
+        total, seconds_audio = time.time() - self.start, notes * frames / FRAME_RATE
+        return (f"{self.tokens / self.generate_s:.0f} tokens/s" + (" (x2 with guidance)" if guided else "")
+                + f", {notes * new_frames / self.generate_s:.0f} frames/s, real-time factor "
+                f"{seconds_audio / total:.2f} ({seconds_audio:.1f} s of audio in {total:.1f} s, codec decoding "
+                "included)")
 
 
 class CompiledDecoder:
@@ -262,12 +212,89 @@ class CompiledDecoder:
         return self.step(token, self.positions[pos:pos + 1], caches).clone()
 
 
+# ----------------------------------------------------------------------------------------------------
+# Flags
+
+def midi_numbers(what: str, example: str, example_range: str):
+    """An argparse type for --pitch and --velocity: '60', '60,64,67' or '48-72' (inclusive) -> MIDI numbers, each in
+    0..127, in the order given; a number given twice is made once (--num-samples asks for several takes)."""
+    def parse(text: str) -> list[int]:
+        try:
+            values = []
+            for part in text.split(","):
+                low, _, high = part.strip().partition("-")
+                values += list(range(int(low), int(high) + 1)) if high else [int(low)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a MIDI {what}, a list like {example} or a range like "
+                                             f"{example_range}, got {text!r}") from None
+        bad = [v for v in values if not 0 <= v < MIDI_VALUES]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"MIDI {what} values are 0..127, got {text!r}")
+        return list(dict.fromkeys(values))
+    return parse
+
+
+pitches = midi_numbers("pitch", "60,64,67", "48-72")
+velocities = midi_numbers("velocity", "25,75,127", "25-127")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default="out/best.pt", help="checkpoint written by train.py (default: out/best.pt)")
+    p.add_argument("--xt-checkpoint", default=None,
+                   help="instead of --ckpt: a state dict saved by the reference notebook (x-transformers "
+                        "TransformerWrapper, shared code ids, start token 0, pretrained codec at 1.5 kbps)")
+    p.add_argument("--xt-heads", type=positive(int), default=4, help="heads of the --xt-checkpoint model (default: 4)")
+    p.add_argument("--xt-dim-head", type=positive(int), default=64,
+                   help="head width of the --xt-checkpoint model (default: 64)")
+    p.add_argument("--num-samples", type=positive(int), default=None,
+                   help="notes to generate (default: 4; with --pitch, 1 per pitch)")
+    p.add_argument("--batch-size", type=positive(int), default=16, help="notes generated at once (default: 16)")
+    p.add_argument("--seconds", type=positive(float), default=None,
+                   help="length of each note (default and maximum: the length the model was trained on)")
+    p.add_argument("--temperature", type=non_negative(float), default=1.0,
+                   help="sampling temperature, 0 = always the most likely token (default: 1.0)")
+    p.add_argument("--top-k", type=positive(int), default=None, help="sample among the k most likely codes (default: off)")
+    p.add_argument("--top-p", type=probability, default=None,
+                   help="sample among the most likely codes whose probability adds up to p, in (0, 1] (default: off)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    c = p.add_argument_group("asking for a note (models trained with conditions, the default of train.py)")
+    c.add_argument("--pitch", type=pitches, default=None,
+                   help="MIDI pitch (60 = middle C), a list (60,64,67) or a range (48-72): --num-samples notes per "
+                        "pitch, files named after it (default: unknown)")
+    c.add_argument("--velocity", type=velocities, default=None,
+                   help="MIDI velocity 0..127 (NSynth has 25, 50, 75, 100, 127), a list (25,75,127) or a range: "
+                        "--num-samples notes per pitch and velocity; with several, files are named after it too "
+                        "(default: unknown)")
+    c.add_argument("--source", choices=NSYNTH_SOURCES, default=None, help="instrument source (default: unknown)")
+    c.add_argument("--cfg", type=non_negative(float), default=3.0,
+                   help="classifier-free guidance: logits = uncond + CFG * (cond - uncond); 1 = plain conditional "
+                        "sampling, 0 = ignore the conditions, above 1 = follow them more (default: 3.0)")
+    c.add_argument("--prompt", default=None, help="an audio file whose start the model continues")
+    c.add_argument("--prompt-seconds", type=positive(float), default=0.5,
+                   help="seconds of --prompt to keep and continue from (default: 0.5)")
+    c.add_argument("--report", action="store_true",
+                   help="with --pitch: estimate each note's f0 and loudness, print the error in cents and the "
+                        "levels, and a summary 'pitch accuracy: N of M within 50 cents' and, with several "
+                        "velocities, 'loudness vs velocity: rank correlation R over N notes' (also on the page)")
+    p.add_argument("--pattern", choices=PATTERNS, default=None,
+                   help="the checkpoint's codebook pattern, which sampling always uses; giving another is an error "
+                        "(default: the checkpoint's)")
+    p.add_argument("--out-dir", default="samples",
+                   help="where sample_{i}.wav go, with a spectrogram PNG each and index.html, a page to listen to "
+                        "them in a browser (default: samples)")
+    add_shared_flags(p, attention_auto="fused (the faster one for sampling, on a CPU too)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the one-token decode step; on CUDA it becomes a CUDA graph (one launch per "
+                        "token). Compiling takes tens of seconds first on a CPU: worth it for many or long batches")
+    p.add_argument("--no-kv-cache", action="store_true",
+                   help="re-run the whole sequence for every token, like the reference (slow; for comparison)")
+    return p.parse_args(argv)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
-    try:
-        sample(args)
-    except (DataError, CheckpointError) as e:
-        sys.exit(f"error: {e}")
+    run_or_exit(lambda: sample(args))
 
 
 if __name__ == "__main__":

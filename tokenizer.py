@@ -18,8 +18,8 @@ and K^2 times the attention cost; its cost grows with the bandwidth. delay and p
 one step (the model reads K streams, one embedding table per level, summed, and has one output layer per level),
 so a note costs about T steps whatever the bandwidth. delay shifts level k by k steps so that a code still sees
 the lower levels of its own frame, which parallel gives up. Where the delay leaves a hole (before a level's first
-code, after its last) the stream holds that level's EMPTY token: never a code, never sampled (allowed() forces
-it), never in the loss (per_code() leaves it out).
+code, after its last) the stream holds that level's EMPTY token: never a code and never in the loss (per_code()
+leaves it out); where it stands, allowed() allows nothing else, so sampling draws it with probability 1.
 
 Every stream starts with BOS and, with conditions, the note's pitch, velocity and instrument source.
 """
@@ -28,10 +28,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-CODEBOOK_SIZE = 1024                                  # codes per EnCodec codebook
 PATTERNS = ("flatten", "delay", "parallel")
 CONDITIONS = ("pitch", "velocity", "source")          # the condition tokens, in stream order after BOS
-NSYNTH_SOURCES = ("acoustic", "electronic", "synthetic")
+NSYNTH_SOURCES = ("acoustic", "electronic", "synthetic")     # NSynth's instrument sources: one id each
 MIDI_VALUES = 128                                     # pitch and velocity are MIDI numbers 0..127
 
 
@@ -68,7 +67,7 @@ class CodecTokenizer:
     training and for the unconditional pass of classifier-free guidance.
     """
 
-    def __init__(self, levels: int, codebook_size: int = CODEBOOK_SIZE, layout: str = "levels",
+    def __init__(self, levels: int, codebook_size: int = 1024, layout: str = "levels",
                  conditions: bool = False, pattern: str = "flatten"):
         if pattern not in PATTERNS:
             raise ValueError(f"pattern must be one of {', '.join(PATTERNS)}, got {pattern!r}")

@@ -35,14 +35,16 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, codec_from_checkpoint, load_checkpoint, save_checkpoint
-from cli import native_bf16, non_negative, pick_device, positive, probability_or_zero
+from checkpoint import (CheckpointError, codec_from_checkpoint, load_checkpoint, model_from_checkpoint,
+                        save_checkpoint)
+from cli import (add_shared_flags, native_bf16, non_negative, pick_attention, pick_device, positive,
+                 probability_or_zero, run_or_exit)
 from data import (BANDWIDTH_LEVELS, DEFAULT_FRAMES, FRAME_RATE, Codec, DataError, EncodedFiles, TokenDataset,
                   cache_path, encode_files, load_codec_for_training)
 from figures import CurvesWriter, curves_from_log
-from files import WriteError, append_log, rewrite_log
-from guards import Diverged, NonFiniteSteps, StopSignals, Stopped, agree
-from model import ATTENTION_KINDS, GPT, GPTConfig
+from files import append_log, rewrite_log
+from guards import NonFiniteSteps, StopSignals, Stopped, agree
+from model import GPT, GPTConfig
 from prepare import resolve_data
 from tokenizer import PATTERNS, CodecTokenizer
 
@@ -78,7 +80,7 @@ def train(args) -> GPT:
     cfg = GPTConfig(vocab_size=tokenizer.vocab_size, max_seq_len=seq_len - 1, dim=args.dim, depth=args.depth,
                     heads=args.heads, dim_head=args.dim_head, dropout=args.dropout, streams=tokenizer.streams)
     model = GPT(cfg).to(device)
-    attention = args.attention if args.attention != "auto" else ("fused" if device_type == "cuda" else "fast")
+    attention = pick_attention(args.attention, device, training=True)
     model.set_attention(attention)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
@@ -148,6 +150,7 @@ def train(args) -> GPT:
     curves = CurvesWriter(out_dir)               # out/curves.png, redrawn from the log after evaluations
     bar = tqdm(total=args.max_iters, initial=start_iter, desc="training", unit="step", disable=None if master else True)
     t0 = time.time()
+    timed = None                                 # for the time estimate: None, then (step, clock), False once printed
     stop, stopped_at = StopSignals(), None      # SIGTERM, SIGINT, SIGUSR1: finish the step, save, exit
     with stop:
         for it in range(start_iter, args.max_iters + 1):
@@ -184,6 +187,8 @@ def train(args) -> GPT:
                 last_metrics, last_saved = metrics, (out_dir / "ckpt.pt", it)
                 train_loss_sum.zero_()
                 steps.zero_()
+                if timed:
+                    timed = (it, time.time())    # an evaluation is not a step: time the steps after it
             if it == args.max_iters:
                 break
 
@@ -218,6 +223,11 @@ def train(args) -> GPT:
                 guard.raise_if_diverged(last_good())
                 bar.set_postfix(loss=f"{global_mean(train_loss_sum / steps.clamp(min=1), world):.3f}",
                                 skipped=int(guard.skipped.item()))
+                if master and timed and it + 1 - timed[0] >= 5:   # the first steps timed: say what the run will cost
+                    tqdm.write(time_estimate((time.time() - timed[1]) / (it + 1 - timed[0]), args.max_iters - it - 1))
+                    timed = False
+            if timed is None:
+                timed = (it + 1, time.time())    # (first step timed, clock): the first step warms up, so it is left out
             if stop.agreed(it, device):   # a signal arrived: this step is done, save it and stop
                 stopped_at = it + 1
                 break
@@ -261,6 +271,15 @@ def lr_at(it: int, args) -> float:
     decay_iters = args.lr_decay_iters or args.max_iters
     progress = (it - args.warmup_iters) / max(1, decay_iters - args.warmup_iters)
     return args.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (args.lr - args.min_lr)
+
+
+def time_estimate(seconds_per_step: float, steps_left: int) -> str:
+    """How long the rest of the run will take at the speed of its first steps, so that nobody waits days unawares
+    (the reference size runs minutes on a GPU and days on a laptop CPU: README, quick start)."""
+    left = seconds_per_step * steps_left
+    amount = f"{left / 3600:.1f} h" if left >= 3600 else f"{left / 60:.0f} min" if left >= 60 else f"{left:.0f} s"
+    return (f"{seconds_per_step:.3g} s per step: about {amount} at this speed for the {steps_left} steps left "
+            "(evaluations not included)")
 
 
 def precision(dtype: str, device_type: str) -> tuple[str, object]:
@@ -318,17 +337,13 @@ def restore(resumed: dict, path: Path, cfg: GPTConfig, model: GPT, optimizer, ba
             rank: int, device_type: str) -> tuple[int, float]:
     """Put the weights, optimizer and random streams back as the checkpoint saved them; returns (iteration, best
     validation loss). A checkpoint for another model, or a damaged one, is a CheckpointError naming the file."""
-    saved = resumed["config"] if isinstance(resumed["config"], dict) else {}
-    try:
-        same = asdict(GPTConfig(**saved)) == asdict(cfg)   # filled with today's defaults, as when it is loaded
-    except (TypeError, ValueError):
-        same = False
-    if not same:
-        differ = [f"{k} {saved.get(k)} != {v}" for k, v in asdict(cfg).items() if saved.get(k) != v]
+    saved = model_from_checkpoint(resumed, path)            # its config, and its weights checked to fit it
+    if saved.cfg != cfg:
+        differ = [f"{k} {v} != {getattr(cfg, k)}" for k, v in asdict(saved.cfg).items() if getattr(cfg, k) != v]
         raise CheckpointError(f"{path}: made for another model or data than this run builds "
-                              f"({', '.join(differ) or 'unreadable config'}; checkpoint != this run)")
+                              f"({', '.join(differ)}; checkpoint != this run)")
     try:
-        model.load_state_dict(resumed["model"])
+        model.load_state_dict(saved.state_dict())
         optimizer.load_state_dict(resumed["optimizer"])
         for group in optimizer.param_groups:  # older checkpoints saved fused=False (CPU): the guard needs fused
             group["fused"], group["foreach"] = True, None
@@ -484,7 +499,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--codec", choices=("pretrained", "untrained"), default="pretrained",
                    help="pretrained: EnCodec 24 kHz weights (downloaded once); untrained: same network, random "
                         "weights, codebooks fitted to the data, for offline runs (default: pretrained)")
-    d.add_argument("--codec-weights", default=None, help="local encodec_24khz-d7cc33bc.th instead of downloading")
     d.add_argument("--bandwidth", type=float, default=1.5, choices=sorted(BANDWIDTH_LEVELS),
                    help="EnCodec bandwidth in kbps: 1.5, 3, 6, 12 or 24 = 2, 4, 8, 16 or 32 codebooks (default: 1.5)")
     d.add_argument("--pattern", choices=PATTERNS, default="flatten",
@@ -526,17 +540,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--eval-interval", type=positive(int), default=500,
                    help="evaluate and save a checkpoint every N steps (default: 500)")
     t.add_argument("--eval-batch-size", type=positive(int), default=128, help="notes per evaluation batch (default: 128)")
-    t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto = cuda when available (default: auto)")
     t.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="bfloat16 = bf16 autocast; auto = bfloat16 on CUDA and on CPUs with native bf16 "
                         "(AVX-512 BF16 / AMX), float32 otherwise (default: auto)")
     t.add_argument("--compile", action="store_true",
                    help="torch.compile the model for training (worth it on CUDA; on a CPU it was slower here)")
-    t.add_argument("--attention", choices=("auto", *ATTENTION_KINDS), default="auto",
-                   help="explicit (the textbook formula), fast (the same, in fewer passes with a cheaper dropout "
-                        "mask on CPU) or fused (scaled_dot_product_attention, flash on CUDA); auto = fused on CUDA, "
-                        "fast on CPU (default: auto)")
+    add_shared_flags(t, attention_auto="fused on CUDA, fast on CPU")
     t.add_argument("--seed", type=int, default=0, help="seed for initialisation, batches and dropout (default: 0)")
     t.add_argument("--resume", action="store_true",
                    help="continue from OUT_DIR/ckpt.pt exactly where it stopped; the data, codec and model flags "
@@ -555,16 +564,10 @@ def main(argv=None) -> None:
         except (OSError, ValueError) as e:
             sys.exit(f"error: --plot: {e}")
         return
-    # under torchrun every rank reports its own errors (one of them may be the only one that failed)
-    where = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     try:
-        train(args)
-    except (DataError, CheckpointError, Diverged, WriteError) as e:
-        sys.exit(f"error{where}: {e}")
-    except Stopped as e:  # by a signal, after saving (train printed how to continue)
-        sys.exit(e.status)
+        run_or_exit(lambda: train(args))
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
-        print(f"interrupted{where}; the last checkpoint is in place, continue with --resume", file=sys.stderr)
+        print("interrupted; the last checkpoint is in place, continue with --resume", file=sys.stderr)
         sys.exit(130)
     finally:
         if dist.is_initialized():

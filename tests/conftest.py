@@ -43,10 +43,10 @@ TINY = ["--data", "synthetic", "--codec", "untrained", "--synthetic-notes", "48"
         "--lr", "3e-3", "--warmup-iters", "5", "--lr-decay-iters", "60", "--eval-interval", "20", "--device", "cpu"]
 
 
-def run(script: str, *args: str, cwd) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
-                            timeout=300)
-    return result
+def run(script: str, *args: str, cwd, timeout: float = 300, env=None) -> subprocess.CompletedProcess:
+    """One of the programs run as a user runs it, in its own Python process: its exit status and output."""
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
 
 
 def read_log(out_dir) -> list[dict]:
@@ -75,11 +75,6 @@ FAST = ["--data", "synthetic", "--codec", "untrained", "--synthetic-notes", "12"
 FAST_ITERS = 60  # a run stopped earlier and resumed has the same learning rates: the decay ends at 60 either way
 
 
-def run_script(script: str, *args: str, cwd, timeout: float = 300, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env)
-
-
 def without_times(log: list[dict]) -> list[dict]:
     return [{k: v for k, v in entry.items() if k != "elapsed_s"} for entry in log]
 
@@ -93,7 +88,7 @@ def fast_data_dir(tmp_path_factory) -> Path:
 def reference_run(tmp_path_factory, fast_data_dir) -> Path:
     """FAST_ITERS steps in one uninterrupted process; returns its out folder."""
     out = tmp_path_factory.mktemp("reference") / "out"
-    result = run_script("train.py", *FAST, "--data-dir", str(fast_data_dir), "--max-iters", str(FAST_ITERS),
+    result = run("train.py", *FAST, "--data-dir", str(fast_data_dir), "--max-iters", str(FAST_ITERS),
                         "--out-dir", str(out), cwd=out.parent)
     assert result.returncode == 0, result.stderr[-2000:]
     return out

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import data
-from checkpoint import load_checkpoint, model_from_checkpoint
-from conftest import ROOT, TINY, read_log, run_script
+from checkpoint import load_checkpoint
+from conftest import ROOT, TINY, read_log, run
 from model import GPT, GPTConfig
 from sample import CompiledDecoder
 
@@ -232,7 +232,7 @@ def cuda_data_dir(tmp_path_factory) -> Path:
 
 
 def cuda_train(work: Path, *flags: str) -> subprocess.CompletedProcess:
-    result = run_script("train.py", *CUDA_TINY, *flags, cwd=work, timeout=400)
+    result = run("train.py", *CUDA_TINY, *flags, cwd=work, timeout=400)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result
 
@@ -311,7 +311,7 @@ def test_sample_on_cuda_compiled_writes_wavs(cuda_run, guided, tmp_path):
     work, out, _ = cuda_run
     flags = (["--pitch", "60,64", "--cfg", "3", "--batch-size", "2"] if guided
              else ["--num-samples", "8", "--batch-size", "4", "--cfg", "1"])
-    result = run_script("sample.py", "--ckpt", str(out / "best.pt"), "--device", "cuda", "--compile", *flags,
+    result = run("sample.py", "--ckpt", str(out / "best.pt"), "--device", "cuda", "--compile", *flags,
                         "--out-dir", str(tmp_path / "s"), cwd=work, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     want = ["sample_pitch60.wav", "sample_pitch64.wav"] if guided else [f"sample_{i}.wav" for i in range(8)]
@@ -330,7 +330,7 @@ def test_sample_on_cuda_compiled_writes_wavs(cuda_run, guided, tmp_path):
 # The untrained codec's code for a frame is the nearest of its fitted codebook rows, and for its latents that choice
 # is decided by float32 rounding in a share of the frames: on the CPU, encodec's float32 codes equal the exact
 # (float64) nearest row for only 85% of the level-0 codes, and a relative change of 1e-6 in the latents (the size
-# of the difference between cuDNN's and the CPU's float32 convolutions) changes 13% of them (README, "GPU check").
+# of the difference between cuDNN's and the CPU's float32 convolutions) changes 13% of them (docs/gpu.md).
 # So the GPU must agree on at least this share of the codes at every level, and (the stricter check) every code
 # it picks must be a nearest row up to float32 rounding (NEAREST_SLACK): TF32 would miss that by 20x.
 CODE_AGREEMENT = 0.75

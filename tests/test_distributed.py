@@ -2,6 +2,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import FAST, FAST_ITERS, ROOT, read_log
@@ -14,6 +15,7 @@ def torchrun(script, *args, cwd) -> subprocess.CompletedProcess:
                            str(script), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_and_resume(tmp_path, reference_run):
     """2 ranks x 2 micro-steps of 2 notes, started fresh (rank 0 makes the notes, fits the codec and encodes; rank 1
     waits) and then resumed under torchrun, log the same losses at every step as 1 process with batches of 8
@@ -49,6 +51,7 @@ def test_two_processes_train_like_one_and_resume(tmp_path, reference_run):
         assert torch.allclose(final[key], reference[key], atol=TOLERANCE), key
 
 
+@pytest.mark.slow
 def test_torchrun_with_one_process_sets_up_ddp(tmp_path, fast_data_dir):
     """torchrun --nproc_per_node=1 goes through the process group and DDP as a larger job does (gloo here; NCCL on
     a GPU: tests/test_cuda.py), trains, and saves the model without DDP's "module." prefix."""

@@ -17,11 +17,18 @@ import checkpoint
 import data
 import sample
 import train
-from conftest import FAST, FAST_ITERS, ROOT, read_log, run_script, without_times
+from conftest import FAST, FAST_ITERS, ROOT, read_log, run, without_times
 from test_data import CountingCodec
 
 KILLS = 3
-SEED = int(os.environ.get("CODECGPT_KILL_SEED", time.time_ns() % 10_000))  # printed, to replay a failure
+SEED = int(os.environ.get("CODECGPT_KILL_SEED", time.time_ns() % 10_000))  # the kill moments: printed, to replay
+
+
+@pytest.fixture(autouse=True)
+def say_the_seed():
+    """Printed first by every test here, so that pytest shows it in any failure's captured output."""
+    print(f"kill moments drawn with seed {SEED}; replay them: CODECGPT_KILL_SEED={SEED} python -m pytest "
+          "tests/test_faults.py")
 
 
 def last_logged_iter(log) -> int:
@@ -36,6 +43,7 @@ def last_logged_iter(log) -> int:
     return -1
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_exactly(tmp_path, fast_data_dir, reference_run):
     """Training killed with SIGKILL KILLS times, each time a random number of steps (1-6) plus a random fraction of
     a step after it got going (so in a step, an evaluation or a checkpoint write): ckpt.pt and best.pt always load
@@ -70,7 +78,7 @@ def test_sigkill_at_random_moments_then_resume_exactly(tmp_path, fast_data_dir, 
         at_kill.append(ckpt["iter_num"])
     print(f"\nseed {SEED}: killed {KILLS} times, at checkpoint iterations {at_kill}")
 
-    result = run_script("train.py", *flags, "--resume", cwd=tmp_path)
+    result = run("train.py", *flags, "--resume", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     final = torch.load(out / "ckpt.pt", weights_only=True)
     reference = torch.load(reference_run / "ckpt.pt", weights_only=True)
@@ -81,6 +89,7 @@ def test_sigkill_at_random_moments_then_resume_exactly(tmp_path, fast_data_dir, 
     assert without_times(read_log(out)) == without_times(read_log(reference_run))
 
 
+@pytest.mark.slow
 def test_encoding_killed_half_way_leaves_only_a_cache_to_trust(tmp_path, synthetic_folder, fitted_codec):
     """encode_files saving after every batch is SIGKILLed at a random moment after its first save: the cache on disk
     loads whole, holds some of the notes, and the next run encodes exactly the others and gets the same codes as an
@@ -162,6 +171,7 @@ EXPECTED = {"empty": "empty file", "truncated": "truncated", "not-a-dict": "not 
             "flipped": "damaged: its contents no longer match the SHA-256 digest saved with them"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(EXPECTED))
 def test_damaged_checkpoint_is_one_line_naming_file_and_problem(damaged, case):
     """sample.py --ckpt and train.py --resume refuse an empty, truncated, pickled-object or non-dict checkpoint with
@@ -176,6 +186,7 @@ def test_damaged_checkpoint_is_one_line_naming_file_and_problem(damaged, case):
     assert not (damaged / "marker").exists()
 
 
+@pytest.mark.slow
 def test_checkpoint_for_another_model_is_one_line(damaged, fast_data_dir):
     """A checkpoint whose config does not fit its weights (sample.py), or whose flags build another model than its
     config (train.py --resume), is refused in one line naming the file and the mismatch."""
@@ -191,6 +202,7 @@ def test_checkpoint_for_another_model_is_one_line(damaged, fast_data_dir):
     assert "\n" not in message
 
 
+@pytest.mark.slow
 def test_a_flipped_byte_loads_silently_in_torch_but_not_here(damaged, reference_run):
     """torch checks no checksum of tensor data: the file with one bit changed in a weight loads without complaint,
     with a different weight. load_checkpoint's digest catches it; a checkpoint without a digest (written before
@@ -207,10 +219,11 @@ def test_a_flipped_byte_loads_silently_in_torch_but_not_here(damaged, reference_
     assert checkpoint.load_checkpoint(old_style)["iter_num"] == good["iter_num"]
 
 
+@pytest.mark.slow
 def test_pickled_checkpoint_as_the_user_sees_it(damaged):
     """Run as a program, the refusal is exactly one line on stderr, with no traceback, and the payload never runs."""
     path = damaged / "pickled" / "ckpt.pt"
-    result = run_script("sample.py", "--ckpt", str(path), "--device", "cpu", cwd=damaged)
+    result = run("sample.py", "--ckpt", str(path), "--device", "cpu", cwd=damaged)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"error: {path}: refused: it holds a pickled object (posix.system), and a checkpoint may hold only tensors "

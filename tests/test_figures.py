@@ -52,6 +52,7 @@ def test_curves_skip_values_that_are_not_numbers(tmp_path):
     assert figures._series(entries, lambda e: e["val_loss_per_level"][1])[0] == [0, 50, 100, 150, 250]
 
 
+@pytest.mark.slow
 def test_training_writes_curves_and_plot_redraws_them(trained, tmp_path):
     """train.py leaves out/curves.png after its last evaluation; `train.py --plot OUT_DIR` draws it again from the log
     alone, and a folder without a log is one error line naming it."""

@@ -16,18 +16,12 @@ import data
 import files
 import guards
 import train
-from conftest import FAST, ROOT, read_log, run_script, without_times
+from conftest import FAST, ROOT, read_log, run, without_times
 from test_data import CountingCodec
 
 # The fast run of conftest with an evaluation every 25 steps, so that a signal lands between two of them
 EVERY_25 = [*FAST[:FAST.index("--eval-interval")], *FAST[FAST.index("--eval-interval") + 2:], "--eval-interval", "25"]
 ITERS = 60
-
-
-def one_line(text: str) -> str:
-    lines = text.strip().splitlines()
-    assert len(lines) == 1, text[-2000:]
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -83,19 +77,18 @@ def test_max_in_a_row_non_finite_steps_raise_one_line():
         guards.NonFiniteSteps(torch.optim.AdamW(net.parameters()), "cpu", advice="")
 
 
-def test_diverging_run_stops_with_one_line_and_keeps_finite_checkpoints(tmp_path, fast_data_dir):
-    """The issue's run (--lr 1e5) stops at the first evaluation whose loss is NaN, with one line on stderr naming
-    the step, the last checkpoint with finite weights and what to try, and a non-zero status; ckpt.pt and best.pt
-    hold finite weights from before (best.pt was not replaced)."""
+def test_diverging_run_stops_with_one_line_and_keeps_finite_checkpoints(tmp_path, fast_data_dir, capsys):
+    """The issue's run (--lr 1e5) stops at the first evaluation whose loss is NaN, with one line naming the step, the
+    last checkpoint with finite weights and what to try, and exit status 1 (a message to sys.exit); ckpt.pt and
+    best.pt hold the finite weights of before (best.pt was not replaced)."""
     out = tmp_path / "out"
     flags = [*FAST[:FAST.index("--eval-interval")], "--eval-interval", "5", "--lr", "1e5"]
-    result = run_script("train.py", *flags, "--data-dir", str(fast_data_dir), "--max-iters", "30",
-                        "--out-dir", str(out), cwd=tmp_path)
-    assert result.returncode == 1
-    assert one_line(result.stderr) == (
+    with pytest.raises(SystemExit) as stop:
+        train.main([*flags, "--data-dir", str(fast_data_dir), "--max-iters", "30", "--out-dir", str(out)])
+    assert str(stop.value.code) == (
         f"error: diverged: the validation loss at step 5 is nan; the last checkpoint with finite weights is "
         f"{out / 'ckpt.pt'} (iteration 0); try a lower --lr (this run: 100000) or --dtype float32")
-    assert "done:" not in result.stdout
+    assert "done:" not in capsys.readouterr().out
     for name in ("ckpt.pt", "best.pt"):
         ckpt = torch.load(out / name, weights_only=True)
         assert ckpt["iter_num"] == 0 and all(v.isfinite().all() for v in ckpt["model"].values())
@@ -180,7 +173,7 @@ def train_until(args, cwd, seen: str, send: int, stdout_path):
 def every_25_run(tmp_path_factory, fast_data_dir):
     """ITERS steps, evaluated every 25, in one uninterrupted process; returns its out folder."""
     out = tmp_path_factory.mktemp("every-25") / "out"
-    result = run_script("train.py", *EVERY_25, "--data-dir", str(fast_data_dir), "--max-iters", str(ITERS),
+    result = run("train.py", *EVERY_25, "--data-dir", str(fast_data_dir), "--max-iters", str(ITERS),
                         "--out-dir", str(out), cwd=out.parent)
     assert result.returncode == 0, result.stderr[-2000:]
     return out
@@ -204,7 +197,7 @@ def test_sigterm_between_evaluations_saves_that_step_and_resumes_exactly(tmp_pat
     assert [e["iter"] for e in read_log(out)] == [0, 25]
     assert not list(out.glob("*.tmp*"))
 
-    result = run_script("train.py", *flags, "--resume", cwd=tmp_path)
+    result = run("train.py", *flags, "--resume", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"resuming from {out / 'ckpt.pt'} at iteration {stopped}" in result.stdout
     final, reference = (torch.load(o / "ckpt.pt", weights_only=True) for o in (out, every_25_run))

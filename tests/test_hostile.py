@@ -11,7 +11,7 @@ import soundfile as sf
 import data
 import sample
 import train
-from conftest import run_script
+from conftest import run
 
 GOOD = ["good_1.wav", "good_2.flac", "ñote with spaces, é 音.wav", "eight_channels.wav", "one_sample.wav",
         "rate_192k.wav", "thirty_minutes.wav", "truncated.wav", "truncated.mp3", "folder.wav/inside.wav"]
@@ -132,10 +132,11 @@ def test_thirty_minute_file_reads_only_what_is_needed(hostile):
     assert bytes_read() - before < 1_000_000
 
 
+@pytest.mark.slow
 def test_train_on_the_messy_folder(hostile, tmp_path):
     """train.py runs on the folder, exits 0, prints every skipped file with its reason, and trains on all the good
     ones."""
-    result = run_script("train.py", "--data", str(hostile), "--codec", "untrained", "--data-dir", str(tmp_path),
+    result = run("train.py", "--data", str(hostile), "--codec", "untrained", "--data-dir", str(tmp_path),
                         "--seconds", "0.2", "--dim", "32", "--depth", "1", "--heads", "1", "--dim-head", "16",
                         "--batch-size", "4", "--max-iters", "2", "--eval-interval", "2", "--device", "cpu",
                         "--out-dir", str(tmp_path / "out"), cwd=tmp_path)
@@ -152,13 +153,14 @@ def test_train_on_the_messy_folder(hostile, tmp_path):
           f"{len(BAD)} skipped:\n" + "\n".join(f"  {name}: {reason}" for name, reason in BAD.items()))
 
 
+@pytest.mark.slow
 def test_a_folder_of_only_bad_files_is_one_clear_error(tmp_path):
     """Only bad files: exit 1 and a single error line that says there is no readable audio, no traceback (libmpg123
     may print warnings of its own about the damaged MP3)."""
     folder = make_hostile_folder(tmp_path / "bad")
     for name in GOOD:
         os.unlink(folder / name)
-    result = run_script("train.py", "--data", str(folder), "--codec", "untrained", "--data-dir", str(tmp_path / "d"),
+    result = run("train.py", "--data", str(folder), "--codec", "untrained", "--data-dir", str(tmp_path / "d"),
                         "--device", "cpu", cwd=tmp_path)
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if not line.startswith("[src/libmpg123")]

@@ -219,6 +219,7 @@ def test_chunked_cached_forward_matches_uncached(attention):
             torch.testing.assert_close(got, full[:, start:end], atol=1e-5, rtol=0, msg=f"chunk {start}:{end}")
 
 
+@pytest.mark.slow
 def test_compiled_decode_generates_like_eager():
     """sample.CompiledDecoder (torch.compile of the static-shape decode; a CUDA graph with mode='reduce-overhead' on
     a GPU) samples exactly the tokens of eager decoding with the same seed, and its logits match within float

@@ -7,7 +7,6 @@ import http.server
 import re
 import shutil
 import threading
-from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
@@ -62,6 +61,7 @@ def hostile_run(trained, tmp_path_factory, synthetic_folder):
     return folder, result
 
 
+@pytest.mark.slow
 def test_every_pitch_at_every_velocity_named_after_both(hostile_run):
     folder, result = hostile_run
     wavs = sorted(p.name for p in folder.glob("*.wav"))
@@ -72,6 +72,7 @@ def test_every_pitch_at_every_velocity_named_after_both(hostile_run):
                      r"(-?\d\.\d\d|nan) over 4 notes( \(undefined.*\))?\n", result.stdout), result.stdout
 
 
+@pytest.mark.slow
 def test_each_note_gets_its_own_pitch_and_velocity_tokens(trained, tmp_path, monkeypatch):
     """The prompts that reach generate, in the order of the files: the pitch and velocity tokens step with the
     files' names (62 - 50 = 12 ids apart, 127 - 25 = 102 ids apart)."""
@@ -92,6 +93,7 @@ def test_each_note_gets_its_own_pitch_and_velocity_tokens(trained, tmp_path, mon
     assert pitch == [0, 0, 12, 12] and velocity == [0, 102, 0, 102]
 
 
+@pytest.mark.slow
 def test_bad_velocity_lists_name_the_flag(trained, tmp_path):
     for value in ("25,x", "25,200", "-", ""):
         with pytest.raises(argparse.ArgumentTypeError, match="velocity"):
@@ -103,6 +105,7 @@ def test_bad_velocity_lists_name_the_flag(trained, tmp_path):
     assert result.returncode != 0 and "--velocity" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_page_lists_every_note_with_escaped_names_and_relative_links(hostile_run):
     folder, _ = hostile_run
     page = PageParser((folder / "index.html").read_text(encoding="utf-8"))
@@ -124,6 +127,7 @@ def test_page_lists_every_note_with_escaped_names_and_relative_links(hostile_run
     assert page.text.count("attack ") == 4 and page.text.count(" dBFS") == 8  # measured: peak and attack levels
 
 
+@pytest.mark.slow
 def test_a_run_without_report_still_gets_a_page_with_pictures(trained, tmp_path):
     """Unmeasured notes keep their old names (sample_0.wav ...), get a spectrogram each, and the page says how to
     measure them."""
@@ -189,6 +193,7 @@ def check_in_browser(browser, url: str, notes: int, seconds: float) -> object:
     return page
 
 
+@pytest.mark.slow
 def test_page_in_headless_chromium(browser, hostile_run, tmp_path):
     """Served over HTTP: every request the page makes is answered 200 (no 404) and covers every WAV and PNG. Opened
     from the file system: the same players and pictures work. A screenshot of the whole page is saved."""

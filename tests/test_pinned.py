@@ -1,9 +1,10 @@
 """Behaviour pinned across refactors: a short seeded training run and seeded generation give the numbers they gave
 when these values were recorded (commit 9620dba, before the readable-core redesign). A change that alters what a
 seed produces, on purpose or not, fails here; on purpose, re-record the values and say why in the commit."""
+import pytest
 import torch
 
-from conftest import read_log, run_script
+from conftest import read_log, run
 from model import GPT, GPTConfig
 from tokenizer import CodecTokenizer
 
@@ -28,8 +29,9 @@ PINNED_GUIDED_TOP_P = [[384, 1405, 933, 2033, 479, 1429, 759, 1892, 275, 1177, 5
                         1292, 158, 1565, 957, 1897, 114, 1505, 472, 1722, 866, 1673, 243, 1223]]
 
 
+@pytest.mark.slow
 def test_seeded_training_run_gives_the_pinned_losses(tmp_path):
-    result = run_script("train.py", *PINNED_RUN, "--out-dir", "out", "--data-dir", "data", cwd=tmp_path)
+    result = run("train.py", *PINNED_RUN, "--out-dir", "out", "--data-dir", "data", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     log = {entry["iter"]: (entry["train_loss"], entry["val_loss"]) for entry in read_log(tmp_path / "out")}
     assert log.keys() == PINNED_LOSSES.keys()

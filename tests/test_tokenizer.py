@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenizer import CODEBOOK_SIZE, PATTERNS, CodecTokenizer
+from data import CODEBOOK_SIZE
+from tokenizer import PATTERNS, CodecTokenizer
 
 
 @st.composite
