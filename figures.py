@@ -82,7 +82,7 @@ def spectrogram(audio: np.ndarray, sr: int, path: str | Path, title: str,
     path = Path(path)
     with warnings.catch_warnings():  # a title character the font lacks (CJK, say) is drawn as a box: no need to warn
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-        fig.savefig(path, dpi=100)
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     return path
 
 

@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import quote
 
+from files import atomic_write
 from pitch import NoteResult, PitchSummary, midi_to_hz, note_name, read_mono
 
 STYLE = """
@@ -130,5 +131,5 @@ def write_samples_page(out_dir: str | Path, settings: dict[str, str], notes: lis
 </html>
 """
     path = out_dir / "index.html"
-    path.write_text(page, encoding="utf-8")
+    atomic_write(path, lambda f: f.write(page.encode("utf-8")))  # a full disk leaves the previous page whole
     return path

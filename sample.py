@@ -29,6 +29,8 @@ from tqdm import tqdm
 from checkpoint import load_for_sampling, load_reference_for_sampling
 from cli import add_shared_flags, non_negative, pick_attention, pick_device, positive, probability, run_or_exit
 from data import FRAME_RATE, HOP, SAMPLE_RATE, Codec, DataError, read_audio
+from files import atomic_write
+from guards import Stopped
 from model import GPT, KVCache
 from page import write_samples_page
 from pitch import NoteResult, pitch_report
@@ -56,22 +58,31 @@ def sample(args) -> list[Path]:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs, written, speed = planned_notes(args), [], Speed(device)
-    with tqdm(total=len(jobs), desc="sampling", unit="note", disable=None) as bar:
-        for start in range(0, len(jobs), args.batch_size):
-            batch = jobs[start:start + args.batch_size]
-            pitch = None if args.pitch is None else torch.tensor([midi for _, midi, _ in batch])
-            velocity = None if args.velocity is None else torch.tensor([velocity for _, _, velocity in batch])
-            prompt = tokenizer.prompt(len(batch), pitch, velocity, source, codes=prompt_codes, device=device)
-            with speed.generating(len(batch) * (length - prompt.shape[-1]) * tokenizer.streams):
-                tokens = model.generate(prompt, length - prompt.shape[-1], temperature=args.temperature,
-                                        top_k=args.top_k, top_p=args.top_p, use_kv_cache=not args.no_kv_cache,
-                                        generator=generator, allowed=allowed, cfg_scale=args.cfg, decoder=decoder,
-                                        uncond_prompt=tokenizer.unconditional(prompt) if guided else None)
-            audio = codec.decode(tokenizer.decode(tokens)).clamp(-1, 1).cpu().numpy()
-            for (name, midi, velocity), wav in zip(batch, audio):
-                sf.write(out_dir / name, wav.astype(np.float32), SAMPLE_RATE, subtype="PCM_16")
-                written.append((out_dir / name, midi, velocity))
-            bar.update(len(batch))
+    interrupted = False
+    try:
+        with tqdm(total=len(jobs), desc="sampling", unit="note", disable=None) as bar:
+            for start in range(0, len(jobs), args.batch_size):
+                batch = jobs[start:start + args.batch_size]
+                pitch = None if args.pitch is None else torch.tensor([midi for _, midi, _ in batch])
+                velocity = None if args.velocity is None else torch.tensor([velocity for _, _, velocity in batch])
+                prompt = tokenizer.prompt(len(batch), pitch, velocity, source, codes=prompt_codes, device=device)
+                with speed.generating(len(batch) * (length - prompt.shape[-1]) * tokenizer.streams):
+                    tokens = model.generate(prompt, length - prompt.shape[-1], temperature=args.temperature,
+                                            top_k=args.top_k, top_p=args.top_p, use_kv_cache=not args.no_kv_cache,
+                                            generator=generator, allowed=allowed, cfg_scale=args.cfg, decoder=decoder,
+                                            uncond_prompt=tokenizer.unconditional(prompt) if guided else None)
+                audio = codec.decode(tokenizer.decode(tokens)).clamp(-1, 1).cpu().numpy()
+                for (name, midi, velocity), wav in zip(batch, audio):
+                    # through atomic_write: a full disk or a Ctrl-C leaves no half WAV behind (nor a broken old one)
+                    atomic_write(out_dir / name, lambda f: sf.write(f, wav.astype(np.float32), SAMPLE_RATE,
+                                                                    subtype="PCM_16", format="WAV"))
+                    written.append((out_dir / name, midi, velocity))
+                bar.update(len(batch))
+    except KeyboardInterrupt:  # Ctrl-C: keep the notes finished so far, and write their page below
+        interrupted = True
+    if interrupted and not written:
+        print("interrupted before the first note was finished; nothing written")
+        raise Stopped(130)
 
     new_frames = frames - (0 if prompt_codes is None else prompt_codes.shape[-1])
     what = f" (the first {args.prompt_seconds} s from {args.prompt})" if args.prompt else ""
@@ -80,6 +91,9 @@ def sample(args) -> list[Path]:
     summary = pitch_report(written) if args.report else None
     notes = summary.notes if summary else [NoteResult(path, midi, velocity) for path, midi, velocity in written]
     print(f"listen: {write_samples_page(out_dir, asked_settings(args), notes, summary)}")
+    if interrupted:
+        print(f"interrupted: kept the {len(written)} of {len(jobs)} notes finished")
+        raise Stopped(130)  # 128 + SIGINT, as a shell reports a Ctrl-C
     return [path for path, _, _ in written]
 
 

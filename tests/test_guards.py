@@ -15,6 +15,7 @@ import torch
 import data
 import files
 import guards
+import sample
 import train
 from conftest import FAST, ROOT, read_log, run, without_times
 from test_data import CountingCodec
@@ -358,3 +359,62 @@ def test_a_real_full_disk(tiny_disk):
     with pytest.raises(files.WriteError, match=r"\(0\.0 MiB free on its disk\)"):
         files.append_log(log, {"iter": 1, "val_loss": 1.0, "pad": "x" * 8192})
     assert json.loads(log.read_text()) == {"iter": 0}
+
+
+# ----------------------------------------------------------------------------------------------------
+# sample.py: a full disk, and Ctrl-C
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, fast_data_dir):
+    """A checkpoint of the fast model after 2 steps (trained in this process: sampling needs no good model)."""
+    out = tmp_path_factory.mktemp("tiny-ckpt")
+    train.main([*FAST, "--data-dir", str(fast_data_dir), "--max-iters", "2", "--out-dir", str(out)])
+    return out / "ckpt.pt"
+
+
+def sample_argv(ckpt, out, *more):
+    return ["--ckpt", str(ckpt), "--out-dir", str(out), "--device", "cpu", "--batch-size", "1", *more]
+
+
+def test_full_disk_while_writing_a_wav_keeps_the_old_one(tmp_path, tiny_checkpoint, monkeypatch):
+    """sample.py writing its second WAV fails half-way with ENOSPC: one line naming the file; the WAV of an earlier
+    run under that name is still there, whole, and no temporary file is left."""
+    out = tmp_path / "samples"
+    sample.main(sample_argv(tiny_checkpoint, out, "--num-samples", "2"))
+    old = (out / "sample_1.wav").read_bytes()
+    real_write, calls = sample.sf.write, []
+
+    def write(f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) == 2:
+            f.write(b"RIFF half a wav")
+            no_space()
+        real_write(f, *args, **kwargs)
+    monkeypatch.setattr(sample.sf, "write", write)
+    with pytest.raises(SystemExit) as stop:
+        sample.main(sample_argv(tiny_checkpoint, out, "--num-samples", "2", "--seed", "1"))
+    assert str(stop.value.code).startswith(f"error: cannot write {out / 'sample_1.wav'}: No space left on device (")
+    assert (out / "sample_1.wav").read_bytes() == old
+    assert not list(out.glob("*.tmp*"))
+
+
+def test_sample_stopped_by_ctrl_c_keeps_its_finished_notes_and_their_page(tmp_path, tiny_checkpoint, monkeypatch,
+                                                                           capsys):
+    """Ctrl-C while the third of 4 notes is generated: the 2 finished notes stay, the page lists exactly them, and
+    sample.py exits 130 (128 + SIGINT)."""
+    out = tmp_path / "samples"
+    real_generate, calls = sample.GPT.generate, []
+
+    def generate(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_generate(self, *args, **kwargs)
+    monkeypatch.setattr(sample.GPT, "generate", generate)
+    with pytest.raises(SystemExit) as stop:
+        sample.main(sample_argv(tiny_checkpoint, out, "--num-samples", "4"))
+    assert stop.value.code == 130
+    assert sorted(p.name for p in out.glob("*.wav")) == ["sample_0.wav", "sample_1.wav"]
+    page = (out / "index.html").read_text()
+    assert "sample_0.wav" in page and "sample_1.wav" in page and "sample_2.wav" not in page
+    assert "interrupted: kept the 2 of 4 notes finished" in capsys.readouterr().out
