@@ -51,7 +51,14 @@ class Stopped(Exception):
 
 
 class StopSignals:
-    """`with StopSignals() as stop:` ... `if stop.stop_requested:` save and `sys.exit(stop.exit_status)`.
+    """Signals turned into a request to stop after the current step:
+
+        with StopSignals() as stop:
+            for step in ...:
+                ...one optimizer step...
+                if stop.agreed(step, device):      # the same answer on every rank
+                    ...save a resumable checkpoint...
+                    raise Stopped(stop.exit_status)
 
     Handlers can only be installed from the main thread; elsewhere (a test calling train() from a thread) the
     signals keep their usual meaning and stop_requested stays False."""
