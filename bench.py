@@ -279,18 +279,20 @@ def bench_training(args) -> None:
 def bench_guard(args) -> None:
     """train.py's step (forward, cross-entropy, backward, clip_grad_norm_, AdamW) as it was before the guard
     (foreach AdamW on CPU, no check), with fused AdamW alone, and with fused AdamW and the guard's check, which
-    is what train.py runs now. The check is a few scalar operations on the device and an all-reduce under torchrun."""
+    is what train.py runs now; then the check alone. The check is a few scalar operations on the device (and an
+    all-reduce under torchrun). The three steps are timed in turn, one step each per round, so that a machine whose
+    speed drifts (a shared CPU) slows all three alike."""
     device = args.device
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     dim, depth, heads, batch = (64, 2, 2, 4) if args.quick and device == "cpu" else (
         REFERENCE["dim"], REFERENCE["depth"], REFERENCE["heads"], 16)
     seq = REFERENCE["max_seq_len"]
     section = f"guard dim {dim} depth {depth} b{batch}"
     print(f"\ntraining step with and without the non-finite step guard (dim {dim}, depth {depth}, batch {batch} x "
-          f"{seq + 1}, float32, grad clip 1.0)")
+          f"{seq + 1}, float32, grad clip 1.0), interleaved")
     x = torch.randint(0, REFERENCE["num_tokens"], (batch, seq + 1), device=device)
-    rows = [("AdamW, no check (before)", False, False), ("fused AdamW, no check", True, False),
-            ("fused AdamW + non-finite check", True, True)]
-    for name, fused, check in rows:
+
+    def train_step(fused: bool, check: bool):
         torch.manual_seed(0)
         model = GPT(GPTConfig(vocab_size=REFERENCE["num_tokens"], max_seq_len=seq, dim=dim, depth=depth,
                               heads=heads, dropout=0.0)).to(device).train()
@@ -306,10 +308,33 @@ def bench_guard(args) -> None:
                 guard.check(loss, norm, 0)
             opt.step()
             opt.zero_grad(set_to_none=True)
+        return step
 
-        r = timed(step, args.repeats, device, warmup=2)
-        report(section, name, r, batch * seq / r["seconds"], "tokens/s", baseline="AdamW, no check (before)")
-        del model, opt
+    baseline = "AdamW, no check (before)"
+    steps = {baseline: train_step(False, False), "fused AdamW, no check": train_step(True, False),
+             "fused AdamW + non-finite check": train_step(True, True)}
+    for _ in range(2):  # warm-up
+        for step in steps.values():
+            step()
+    times = {name: [] for name in steps}
+    with PeakMemory(device) as mem:
+        for _ in range(args.repeats):
+            for name, step in steps.items():
+                sync()
+                t = time.perf_counter()
+                step()
+                sync()
+                times[name].append(time.perf_counter() - t)
+    for name, runs in times.items():
+        r = {"seconds": statistics.median(runs), "runs": [round(t, 4) for t in runs], "peak_mb": mem.peak_mb}
+        report(section, name, r, batch * seq / r["seconds"], "tokens/s", baseline=baseline)
+
+    guard = NonFiniteSteps(torch.optim.AdamW([torch.zeros(1, device=device, requires_grad=True)], fused=True),
+                           device, advice="")
+    loss, norm = torch.tensor(2.0, device=device), torch.tensor(1.0, device=device)
+    r = timed(lambda: [guard.check(loss, norm, 0) for _ in range(1000)], args.repeats, device)
+    r["seconds"] /= 1000
+    report(section, "the check alone (one step's)", r, 1 / r["seconds"], "checks/s")
 
 
 # ----------------------------------------------------------------------------------------------------
