@@ -36,6 +36,19 @@ def write_error(path: Path, e: OSError) -> WriteError:
     return error
 
 
+def os_error_behind(e: BaseException) -> OSError | None:
+    """The OSError that e is, or that it was raised while handling: torch.save reports a full disk as a RuntimeError
+    of its zip writer ("unexpected pos"), raised while closing the archive after the OSError (found on a real full
+    tmpfs, tests/test_guards.py)."""
+    seen = set()
+    while isinstance(e, Exception) and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None:
     """Call write(f) on a temporary file beside path, flush it to disk, then rename it to path. If anything fails
     the temporary file is removed, so path is as it was; an OSError (ENOSPC...) becomes a WriteError."""
@@ -49,8 +62,9 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and not isinstance(e, WriteError):
-            raise write_error(path, e) from None
+        cause = os_error_behind(e)
+        if cause is not None and not isinstance(e, WriteError):
+            raise write_error(path, cause) from None
         raise
     try:  # make the rename itself durable (a crash right after it could otherwise undo it)
         folder = os.open(path.parent, os.O_RDONLY)

@@ -17,6 +17,7 @@ the checkpoint. Writes OUT_DIR/index.html beside the WAVs, a page to listen to t
 from __future__ import annotations
 
 import argparse
+import io
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -73,9 +74,7 @@ def sample(args) -> list[Path]:
                                             uncond_prompt=tokenizer.unconditional(prompt) if guided else None)
                 audio = codec.decode(tokenizer.decode(tokens)).clamp(-1, 1).cpu().numpy()
                 for (name, midi, velocity), wav in zip(batch, audio):
-                    # through atomic_write: a full disk or a Ctrl-C leaves no half WAV behind (nor a broken old one)
-                    atomic_write(out_dir / name, lambda f: sf.write(f, wav.astype(np.float32), SAMPLE_RATE,
-                                                                    subtype="PCM_16", format="WAV"))
+                    write_wav(out_dir / name, wav)
                     written.append((out_dir / name, midi, velocity))
                 bar.update(len(batch))
     except KeyboardInterrupt:  # Ctrl-C: keep the notes finished so far, and write their page below
@@ -99,6 +98,15 @@ def sample(args) -> list[Path]:
 
 # ----------------------------------------------------------------------------------------------------
 # What sample() calls: the model, the request checked, the notes to make, their speed
+
+def write_wav(path: Path, audio: np.ndarray) -> None:
+    """16-bit WAV, made in memory and written with atomic_write: a full disk or a Ctrl-C leaves no half WAV behind
+    (nor a broken old one). In memory first because soundfile writing to a file itself reports a full disk from
+    inside its C callbacks, with tracebacks of its own, instead of one OSError."""
+    buffer = io.BytesIO()
+    sf.write(buffer, audio.astype(np.float32), SAMPLE_RATE, subtype="PCM_16", format="WAV")
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
 
 def load_model(args) -> tuple[GPT, CodecTokenizer, Codec]:
     """The model, its tokenizer and the codec it was trained with, from --ckpt or --xt-checkpoint."""
