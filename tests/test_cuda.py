@@ -394,3 +394,30 @@ def test_torchrun_one_process_on_cuda_goes_through_nccl_and_trains(cuda_data_dir
     assert log[-1]["val_loss"] < log[0]["val_loss"] - 0.5
     state = torch.load(out / "ckpt.pt", weights_only=True)["model"]
     assert not any(key.startswith("module.") for key in state)
+
+
+def test_non_finite_step_guard_never_waits_for_the_gpu():
+    """guards.NonFiniteSteps on CUDA: a finite and a NaN step through the check and fused AdamW run with
+    torch.cuda.set_sync_debug_mode("error"), which raises on any host-device synchronisation; the NaN step leaves
+    the weights as they were."""
+    import guards
+    torch.manual_seed(0)
+    net = torch.nn.Linear(64, 64).cuda()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, fused=True)
+    guard = guards.NonFiniteSteps(opt, "cuda", advice="")
+    x = torch.randn(8, 64, device="cuda")
+    for scale in (1.0, float("nan")):
+        loss = net(x).pow(2).mean() * scale
+        loss.backward()
+        before = net.weight.detach().clone()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            norm = torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            guard.check(loss, norm, 0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.equal(net.weight, before) != (scale == 1.0)
+    assert guard.take_skipped() == 1
