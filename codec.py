@@ -64,8 +64,8 @@ class CodecConfig:
     f0_max_midi: float = 108.0        #   the range pitch.py's tracker searches
     f0_cents_per_bin: float = 20.0
     # the quantizer
-    ema_decay: float = 0.99
-    dead_code_fraction: float = 0.02  # a code is dead below this fraction of the average use per code (EMA)
+    ema_decay: float = 0.95           # codebook EMA: about 20 steps of ~500 frames; the latents move fast early on
+    dead_code_fraction: float = 0.1   # a code is dead below this fraction of the average use per code (EMA)
     # loss weights (fixed: encodec 0.1.1 has no balancer)
     w_l1: float = 0.0                 # waveform L1: the additive synthesizer's phases are its own, so L1 only
                                       #   pulls the output towards silence; kept at 0 for 'small' (measured)

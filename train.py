@@ -252,6 +252,17 @@ def random_states(world: int, device_type: str, batches: torch.Generator) -> dic
     return {**ranks[0], "batches": batches.get_state(), **({"ranks": ranks} if world > 1 else {})}
 
 
+def restore_random_states(rng: dict, rank: int, device_type: str, batches: torch.Generator) -> None:
+    """Put back what random_states saved (train_codec.py shares it): the batch generator, and this rank's torch (and
+    CUDA) state; ranks beyond those saved (resuming on more processes) keep their fresh seed."""
+    states = rng.get("ranks") or [rng]
+    if rank < len(states):
+        torch.set_rng_state(states[rank]["torch"])
+        if device_type == "cuda" and "cuda" in states[rank]:
+            torch.cuda.set_rng_state(states[rank]["cuda"])
+    batches.set_state(rng["batches"])
+
+
 def restore(resumed: dict, path: Path, cfg: GPTConfig, model: GPT, optimizer, batches: torch.Generator,
             rank: int, device_type: str) -> tuple[int, float]:
     """Put the weights, optimizer and random streams back as the checkpoint saved them; returns (iteration, best
@@ -268,13 +279,7 @@ def restore(resumed: dict, path: Path, cfg: GPTConfig, model: GPT, optimizer, ba
     try:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
-        # each rank's dropout stream; ranks beyond those saved (resuming on more processes) keep their fresh seed
-        states = resumed["rng"].get("ranks") or [resumed["rng"]]
-        if rank < len(states):
-            torch.set_rng_state(states[rank]["torch"])
-            if device_type == "cuda" and "cuda" in states[rank]:
-                torch.cuda.set_rng_state(states[rank]["cuda"])
-        batches.set_state(resumed["rng"]["batches"])
+        restore_random_states(resumed["rng"], rank, device_type, batches)
         json.dumps(resumed["metrics"])  # it goes back into the log
         return int(resumed["iter_num"]), float(resumed["best_val_loss"])
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
@@ -433,9 +438,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--cache-dir", default=None, help="token cache folder (default: DATA_DIR/cache)")
     d.add_argument("--synthetic-notes", type=positive(int), default=300,
                    help="number of notes for --data synthetic (default: 300)")
-    d.add_argument("--codec", choices=("pretrained", "untrained"), default="pretrained",
+    d.add_argument("--codec", default="pretrained",
                    help="pretrained: EnCodec 24 kHz weights (downloaded once); untrained: same network, random "
-                        "weights, codebooks fitted to the data, for offline runs (default: pretrained)")
+                        "weights, codebooks fitted to the data, for offline runs; or PATH: a codec file of "
+                        "train_codec.py (OUT_DIR/codec.pt), carried into the checkpoint (default: pretrained)")
     d.add_argument("--codec-weights", default=None, help="local encodec_24khz-d7cc33bc.th instead of downloading")
     d.add_argument("--bandwidth", type=float, default=1.5, choices=sorted(BANDWIDTH_LEVELS),
                    help="EnCodec bandwidth in kbps: 1.5, 3, 6, 12 or 24 = 2, 4, 8, 16 or 32 codebooks (default: 1.5)")
