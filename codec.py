@@ -58,6 +58,7 @@ class CodecConfig:
     encoder_blocks: int = 2
     decoder_blocks: int = 4
     n_fft: int = 2048                 # the encoder's STFT (hop = HOP): 11.7 Hz bins resolve an 82 Hz note's partials
+    loudness_gain: float = 6.4        # the encoder's two loudness channels x sqrt(1025)/5 (SpectralEncoder)
     harmonics: int = 64               # partials of the additive synthesizer (those above 12 kHz are silent)
     noise_bands: int = 65             # the filtered noise's spectral envelope, linear bands 0-12 kHz
     f0_min_midi: float = 23.0         # the f0 classes: 20-cent bins from MIDI 23 (30.9 Hz) to 108 (4186 Hz),
@@ -119,11 +120,14 @@ class SpectralEncoder(nn.Module):
     Each frame's log spectrum is normalised (its mean and spread over frequency removed) and those two numbers are
     passed on as two extra channels. Without that, the loudness of a frame (the same offset in all 1025 log bins)
     is by far the largest thing in the latent, and the codebooks cluster the frames by loudness instead of by pitch
-    (measured: 12 codes in use at level 1 for 40 notes, f0 loss stuck)."""
+    (measured: 12 codes in use at level 1 for 40 notes, f0 loss stuck). With the loudness as 2 plain channels of
+    1027 it was too weak instead: a note's silent tail shared codes with a loud low note and came back loud at that
+    note's pitch. Scaled by sqrt(1025) / 5 (loudness_gain), they weigh about as much as the spectral shape at the
+    start."""
 
     def __init__(self, cfg: CodecConfig):
         super().__init__()
-        self.n_fft = cfg.n_fft
+        self.n_fft, self.loudness_gain = cfg.n_fft, cfg.loudness_gain
         self.inp = nn.Conv1d(cfg.n_fft // 2 + 3, cfg.width, 1)
         self.blocks = nn.Sequential(*[ConvNeXtBlock(cfg.width) for _ in range(cfg.encoder_blocks)])
         self.norm = nn.LayerNorm(cfg.width)
@@ -132,7 +136,8 @@ class SpectralEncoder(nn.Module):
     def forward(self, audio: Tensor) -> Tensor:
         spec = log_spectrogram(audio, self.n_fft)
         mean, std = spec.mean(1, keepdim=True), spec.std(1, keepdim=True)
-        x = torch.cat([(spec - mean) / (std + 1e-5), mean / 5, std / 5], 1)  # /5: log magnitudes span about -11..3
+        loud = torch.cat([mean, std], 1) / 5 * self.loudness_gain  # /5: log magnitudes span about -11..3
+        x = torch.cat([(spec - mean) / (std + 1e-5), loud], 1)
         x = self.blocks(self.inp(x))
         return self.out(self.norm(x.transpose(1, 2)).transpose(1, 2))
 

@@ -12,7 +12,8 @@ it and `train.py --codec PATH` trains the language model on its codes), OUT_DIR/
 OUT_DIR/log.jsonl (one line per evaluation: per bandwidth SI-SNR, mel distance, codebook perplexity per level and
 pitch kept on the held-out notes) and OUT_DIR/curves.png.
 
-Each step draws notes, a random crop of each (from the part of the note the language model learns) and one
+Each step draws notes, a crop of each (a quarter at the onset, the rest anywhere in the part of the note the
+language model learns, --seconds, plus --crop-slack frames) and one
 bandwidth for the whole batch (as EnCodec does, so one codec serves 1.5 to 24 kbps). The teacher f0 of a note
 (codec.py: it drives the synthesizer in training) is its NSynth-style label when its name or examples.json has one,
 else pitch.py's estimate of the file; notes with neither train without it.
@@ -45,6 +46,8 @@ from prepare import resolve_data
 from train import global_mean, random_states, report_skipped, restore_random_states, rewrite_log, setup_distributed
 
 CODEC_FILE_KIND = "codecgpt-codec"    # what a codec file says it is (data.Codec.load checks it)
+ONSET_CROPS = 0.25   # this share of the crops starts at the note's onset: else the pluck is 1 crop start in ~130,
+                     # and it came back silent (measured)
 
 
 def train(args) -> C.CodecModel:
@@ -125,6 +128,8 @@ def train(args) -> C.CodecModel:
         idx = torch.randint(len(notes["train"]), (args.batch_size,), generator=batches)
         start = torch.randint(notes["frames"] + args.crop_slack - args.crop_frames + 1, (args.batch_size,),
                               generator=batches) * HOP
+        at_onset = torch.rand(args.batch_size, generator=batches) < ONSET_CROPS
+        start = torch.where(at_onset, 0, start)
         levels = list(C.BANDWIDTH_LEVELS.values())[int(torch.randint(len(C.BANDWIDTH_LEVELS), (1,),
                                                                      generator=batches))]
         mine = slice(rank * micro, (rank + 1) * micro)

@@ -112,3 +112,38 @@ def test_damaged_or_wrong_codec_file_is_one_line(codec_run, tmp_path):
     checkpoint.save_checkpoint({"model": {}, "config": {}, "tokenizer": {}}, not_codec)
     with pytest.raises(data.DataError, match="not a codec file"):
         data.Codec.load(not_codec)
+
+
+LM = ["--data", "synthetic", "--synthetic-notes", "12", "--seconds", "0.2", "--dim", "32", "--depth", "1",
+      "--heads", "1", "--dim-head", "16", "--batch-size", "8", "--warmup-iters", "2", "--eval-interval", "3",
+      "--max-iters", "3", "--device", "cpu", "--dtype", "float32"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pattern,bandwidth", [("flatten", "1.5"), ("delay", "1.5"), ("parallel", "6")])
+def test_language_model_on_the_trained_codec_samples(codec_run, tmp_path, pattern, bandwidth):
+    """train.py --codec PATH trains on the trained codec's codes, its checkpoint carries the codec (kind 'trained',
+    its weights), and sample.py decodes with it from the checkpoint alone."""
+    from conftest import run_script
+    out, _ = codec_run
+    lm = tmp_path / "lm"
+    result = run_script("train.py", *LM, "--codec", str(out / "codec.pt"), "--pattern", pattern, "--bandwidth",
+                        bandwidth, "--data-dir", str(tmp_path / "data"), "--out-dir", str(lm), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ckpt = checkpoint.load_checkpoint(lm / "ckpt.pt")
+    assert ckpt["codec"]["kind"] == "trained" and "weights" in ckpt["codec"]
+    result = run_script("sample.py", "--ckpt", str(lm / "ckpt.pt"), "--num-samples", "2", "--pitch", "60",
+                        "--out-dir", str(tmp_path / "samples"), "--device", "cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "samples").glob("*.wav")) == ["sample_0.wav", "sample_1.wav"]
+
+
+def test_train_refuses_a_language_model_checkpoint_as_codec(tmp_path):
+    """train.py --codec with a file that is not a codec: one line naming it, no traceback."""
+    from conftest import run_script
+    not_codec = tmp_path / "lm.pt"
+    checkpoint.save_checkpoint({"model": {}, "config": {}, "tokenizer": {}}, not_codec)
+    result = run_script("train.py", *LM, "--codec", str(not_codec), "--data-dir", str(tmp_path / "data"),
+                        "--out-dir", str(tmp_path / "o"), cwd=tmp_path)
+    assert result.returncode == 1 and str(not_codec) in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
