@@ -6,9 +6,8 @@ Checkpoints that must not be trusted blindly.
   always uses weights_only=True (a checkpoint can hold tensors and plain values only, never code to run), checks
   the digest when there is one (checkpoints from before it have none and still load), and turns every problem
   into a CheckpointError of one line naming the file. Written with files.atomic_write, as every file is.
-- model_from_checkpoint, tokenizer_from_checkpoint, codec_from_checkpoint: what train.py saved, rebuilt;
-  load_for_sampling all three, checked to fit; load_reference_for_sampling the same from the reference notebook's
-  x-transformers weights.
+- model_from_checkpoint, tokenizer_from_checkpoint: the model and tokenizer train.py saved, rebuilt (its codec:
+  data.codec_from_checkpoint; all three, checked to fit, for sampling: sample.load_model).
 """
 from __future__ import annotations
 
@@ -21,7 +20,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from data import Codec
 from files import atomic_write
 from model import GPT, GPTConfig
 from tokenizer import CodecTokenizer
@@ -122,40 +120,3 @@ def tokenizer_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> Co
         return CodecTokenizer(**ckpt["tokenizer"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: its tokenizer entry is unusable ({e})") from None
-
-
-def codec_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint", weights: str | None = None):
-    """The data.Codec a checkpoint was trained with (the pretrained one needs its weights: downloaded, or
-    `weights`)."""
-    try:
-        return Codec.from_identity(ckpt["codec"], weights)
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
-        raise CheckpointError(f"{path}: its codec cannot be rebuilt ({type(e).__name__}: {e})") from None
-
-
-def load_for_sampling(path: str | Path, codec_weights: str | None = None):
-    """(model, tokenizer, codec) from a checkpoint of train.py, checked to fit together."""
-    ckpt = load_checkpoint(path)
-    if "codec" not in ckpt or "tokenizer" not in ckpt:
-        raise CheckpointError(f"{path}: not a codecgpt checkpoint (no codec or tokenizer); "
-                              "for the reference notebook's weights use --xt-checkpoint")
-    model = model_from_checkpoint(ckpt, path)
-    tokenizer = tokenizer_from_checkpoint(ckpt, path)
-    if tokenizer.vocab_size != model.cfg.vocab_size:
-        raise CheckpointError(f"{path}: its tokenizer ({tokenizer.vocab_size} tokens) does not fit its model "
-                              f"({model.cfg.vocab_size} tokens)")
-    codec = codec_from_checkpoint(ckpt, path, codec_weights)
-    if codec.levels != tokenizer.levels:
-        raise CheckpointError(f"{path}: its codec has {codec.levels} levels, its tokenizer {tokenizer.levels}")
-    return model, tokenizer, codec
-
-
-def load_reference_for_sampling(path: str | Path, heads: int, dim_head: int, codec_weights: str | None = None):
-    """(model, tokenizer, codec) from the reference notebook's x-transformers state dict: 2 levels of the
-    pretrained codec at 1.5 kbps in one shared code vocabulary, start token 0, 250 tokens."""
-    state = load_checkpoint(path)
-    try:
-        model = GPT.from_x_transformers(state, heads=heads, dim_head=dim_head, max_seq_len=250)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    return model, CodecTokenizer(levels=2, layout="shared"), Codec.pretrained(1.5, codec_weights)

@@ -28,7 +28,7 @@ import warnings
 import zipfile
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,7 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
+from checkpoint import CheckpointError, digest, load_checkpoint
 from files import atomic_write
 from tokenizer import NSYNTH_SOURCES, CodecTokenizer
 
@@ -220,9 +221,38 @@ class Codec:
             books.append(centroids[torch.arange(CODEBOOK_SIZE) % k])
         self._set_codebooks(torch.stack(books).to(self.device))
 
+    @classmethod
+    def load(cls, path: str | Path, bandwidth: float = 1.5) -> Codec:
+        """A codec trained by train_codec.py, from its codec file (OUT_DIR/codec.pt), at `bandwidth` kbps. A file
+        that is not a codec file, or is damaged, is a DataError of one line naming it."""
+        bandwidth = cls.check_bandwidth(bandwidth)
+        try:
+            saved = load_checkpoint(path)
+        except CheckpointError as e:
+            raise DataError(f"codec file {e}") from None
+        if saved.get("kind") != "codecgpt-codec" or "config" not in saved or "model" not in saved:
+            raise DataError(f"{path}: not a codec file of train_codec.py (it has no codec config and weights; "
+                            "a language-model checkpoint is not a codec)")
+        return cls.trained(saved["config"], saved["model"], bandwidth, source=str(path))
+
+    @classmethod
+    def trained(cls, config: dict, weights: dict, bandwidth: float = 1.5, source: str = "codec") -> Codec:
+        """A codec of codec.py (trained by train_codec.py) from its config and state dict."""
+        from codec import CodecConfig, CodecModel
+        try:
+            model = CodecModel(CodecConfig(**config))
+            model.load_state_dict(weights)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise DataError(f"{source}: its weights do not fit its codec config ({str(e).splitlines()[0]})") from None
+        return cls(model, "trained", cls.check_bandwidth(bandwidth))
+
     def identity(self) -> dict:
-        """What the codes depend on: goes into cache keys and checkpoints (tensors and plain values only)."""
+        """What the codes depend on: goes into cache keys and checkpoints (tensors and plain values only). A trained
+        codec carries its config and weights, so a language-model checkpoint needs nothing else to decode."""
         ident = {"kind": self.kind, "bandwidth": self.bandwidth, "levels": self.levels, "sample_rate": SAMPLE_RATE}
+        if self.kind == "trained":
+            weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+            ident.update(config=asdict(self.model.cfg), weights=weights, weights_sha=digest(weights)[:16])
         if self.kind == "untrained":
             books = self.codebooks()
             ident.update(seed=self.seed, codebooks=books,
@@ -234,6 +264,8 @@ class Codec:
         """Rebuild the codec a checkpoint was trained with."""
         if ident["kind"] == "pretrained":
             return cls.pretrained(ident["bandwidth"], weights)
+        if ident["kind"] == "trained":
+            return cls.trained(ident["config"], ident["weights"], ident["bandwidth"])
         return cls.untrained(ident["bandwidth"], ident["seed"], ident["codebooks"])
 
     def to(self, device) -> Codec:
@@ -245,13 +277,26 @@ class Codec:
         """audio (B, samples) float at 24 kHz -> codes (B, levels, samples // 320) long, in full float32 on a GPU
         too (exact_float32)."""
         with exact_float32():
+            if self.kind == "trained":
+                return self.model.encode(audio.to(self.device))
             codes, _scale = self.model.encode(audio[:, None].to(self.device))[0]
         return codes
 
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, levels, frames) -> audio (B, frames * 320) float at 24 kHz."""
+        if self.kind == "trained":
+            return self.model.decode(codes.to(self.device))
         return self.model.decode([(codes.to(self.device), None)])[:, 0]
+
+
+def codec_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint", weights: str | None = None) -> Codec:
+    """The Codec a checkpoint of train.py was trained with (the pretrained one needs its weights: downloaded, or
+    `weights`)."""
+    try:
+        return Codec.from_identity(ckpt["codec"], weights)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: its codec cannot be rebuilt ({type(e).__name__}: {e})") from None
 
 
 @contextmanager
@@ -279,7 +324,7 @@ class EncodedFiles:
 
 def cache_path(cache_dir: str | Path, name: str, files: list[Path], codec: Codec, num_frames: int) -> Path:
     """One cache file per (split name, folder, codec, length): changing any of them uses another file."""
-    ident = {k: v for k, v in codec.identity().items() if k != "codebooks"}
+    ident = {k: v for k, v in codec.identity().items() if k not in ("codebooks", "weights")}
     root = os.path.commonpath({os.path.dirname(os.path.abspath(f)) for f in files}) if files else ""
     key = json.dumps({"root": root, "codec": ident, "frames": num_frames}, sort_keys=True)
     return Path(cache_dir) / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"
@@ -340,7 +385,7 @@ def encode_files(files: list[Path], codec: Codec, num_frames: int, cache: Path |
                 arrays.append(value)
             entries.append(entry)
         manifest = {"version": 1, "frames": num_frames, "levels": codec.levels,
-                    "codec": {k: v for k, v in codec.identity().items() if k != "codebooks"}, "entries": entries}
+                    "codec": {k: v for k, v in codec.identity().items() if k not in ("codebooks", "weights")}, "entries": entries}
         codes = np.stack(arrays) if arrays else np.zeros((0, codec.levels, num_frames), np.uint16)
         cache.parent.mkdir(parents=True, exist_ok=True)
         manifest_bytes = np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8)
@@ -466,10 +511,10 @@ def load_codec_for_training(kind: str, bandwidth: float, weights: str | None, fi
     so later runs on the same files reuse it (and with it their token caches)."""
     if kind == "pretrained":
         return Codec.pretrained(bandwidth, weights).to(device)
-    if kind != "untrained":
-        raise DataError(f"--codec must be 'pretrained' or 'untrained', got {kind!r}")
     if weights is not None:
         raise DataError("--codec-weights only applies to --codec pretrained")
+    if kind != "untrained":  # a codec file of train_codec.py
+        return Codec.load(kind, bandwidth).to(device)
     def stat_or_error(f: Path) -> list[str]:
         try:
             return [str(k) for k in _file_key(f)]

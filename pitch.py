@@ -214,6 +214,26 @@ class PitchSummary:
         return [self.line] + ([self.loudness_line] if self.loudness_line else [])
 
 
+def pitch_kept(originals: np.ndarray, reconstructions: np.ndarray, sr: int = 24_000) -> dict:
+    """Does a codec keep pitch? For each original note and its reconstruction (N, samples) at sr: both measured
+    with estimate_f0, and the note kept when they are within TOLERANCE_CENTS. Notes whose original has no
+    measurable pitch are not counted; a reconstruction without one counts as not kept (its cents are None).
+    Returns {"pitch_kept": kept, "pitch_measured": measured, "cents": per note} (train_codec.py's evaluation)."""
+    kept = measured = 0
+    cents = []
+    for orig, rec in zip(originals, reconstructions):
+        f_orig = estimate_f0(orig, sr)
+        if not f_orig > 0:
+            cents.append(None)
+            continue
+        measured += 1
+        f_rec = estimate_f0(rec, sr)
+        c = 1200 * math.log2(f_rec / f_orig) if f_rec > 0 else math.nan
+        cents.append(round(c, 1) if math.isfinite(c) else None)
+        kept += int(abs(c) <= TOLERANCE_CENTS) if math.isfinite(c) else 0
+    return {"pitch_kept": kept, "pitch_measured": measured, "cents": cents}
+
+
 def measure(path: str | Path, midi: int, png_dir: str | Path | None = None, pictures: bool = True,
             velocity: int | None = None) -> NoteResult:
     """Measure one file's pitch against its requested MIDI pitch, and its loudness, and, if pictures, write its

@@ -27,9 +27,9 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
-from checkpoint import load_for_sampling, load_reference_for_sampling
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
 from cli import add_shared_flags, non_negative, pick_attention, pick_device, positive, probability, run_or_exit
-from data import FRAME_RATE, HOP, SAMPLE_RATE, Codec, DataError, read_audio
+from data import FRAME_RATE, HOP, SAMPLE_RATE, Codec, DataError, codec_from_checkpoint, read_audio
 from files import atomic_write
 from guards import Stopped
 from model import GPT, KVCache
@@ -113,6 +113,34 @@ def load_model(args) -> tuple[GPT, CodecTokenizer, Codec]:
     if args.xt_checkpoint:
         return load_reference_for_sampling(args.xt_checkpoint, args.xt_heads, args.xt_dim_head, args.codec_weights)
     return load_for_sampling(args.ckpt, args.codec_weights)
+
+
+def load_for_sampling(path: str | Path, codec_weights: str | None = None):
+    """(model, tokenizer, codec) from a checkpoint of train.py, checked to fit together."""
+    ckpt = load_checkpoint(path)
+    if "codec" not in ckpt or "tokenizer" not in ckpt:
+        raise CheckpointError(f"{path}: not a codecgpt checkpoint (no codec or tokenizer); "
+                              "for the reference notebook's weights use --xt-checkpoint")
+    model = model_from_checkpoint(ckpt, path)
+    tokenizer = tokenizer_from_checkpoint(ckpt, path)
+    if tokenizer.vocab_size != model.cfg.vocab_size:
+        raise CheckpointError(f"{path}: its tokenizer ({tokenizer.vocab_size} tokens) does not fit its model "
+                              f"({model.cfg.vocab_size} tokens)")
+    codec = codec_from_checkpoint(ckpt, path, codec_weights)
+    if codec.levels != tokenizer.levels:
+        raise CheckpointError(f"{path}: its codec has {codec.levels} levels, its tokenizer {tokenizer.levels}")
+    return model, tokenizer, codec
+
+
+def load_reference_for_sampling(path: str | Path, heads: int, dim_head: int, codec_weights: str | None = None):
+    """(model, tokenizer, codec) from the reference notebook's x-transformers state dict: 2 levels of the
+    pretrained codec at 1.5 kbps in one shared code vocabulary, start token 0, 250 tokens."""
+    state = load_checkpoint(path)
+    try:
+        model = GPT.from_x_transformers(state, heads=heads, dim_head=dim_head, max_seq_len=250)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return model, CodecTokenizer(levels=2, layout="shared"), Codec.pretrained(1.5, codec_weights)
 
 
 def check_request(args, model: GPT, tokenizer: CodecTokenizer) -> int:

@@ -35,12 +35,11 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import (CheckpointError, codec_from_checkpoint, load_checkpoint, model_from_checkpoint,
-                        save_checkpoint)
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from cli import (add_shared_flags, native_bf16, non_negative, pick_attention, pick_device, positive,
                  probability_or_zero, run_or_exit)
 from data import (BANDWIDTH_LEVELS, DEFAULT_FRAMES, FRAME_RATE, Codec, DataError, EncodedFiles, TokenDataset,
-                  cache_path, encode_files, load_codec_for_training)
+                  cache_path, codec_from_checkpoint, encode_files, load_codec_for_training)
 from figures import CurvesWriter, curves_from_log
 from files import append_log, rewrite_log
 from guards import NonFiniteSteps, StopSignals, Stopped, agree
@@ -333,6 +332,17 @@ def random_states(world: int, device_type: str, batches: torch.Generator) -> dic
     return {**ranks[0], "batches": batches.get_state(), **({"ranks": ranks} if world > 1 else {})}
 
 
+def restore_random_states(rng: dict, rank: int, device_type: str, batches: torch.Generator) -> None:
+    """Put back what random_states saved (train_codec.py shares it): the batch generator, and this rank's torch (and
+    CUDA) state; ranks beyond those saved (resuming on more processes) keep their fresh seed."""
+    states = rng.get("ranks") or [rng]
+    if rank < len(states):
+        torch.set_rng_state(states[rank]["torch"])
+        if device_type == "cuda" and "cuda" in states[rank]:
+            torch.cuda.set_rng_state(states[rank]["cuda"])
+    batches.set_state(rng["batches"])
+
+
 def restore(resumed: dict, path: Path, cfg: GPTConfig, model: GPT, optimizer, batches: torch.Generator,
             rank: int, device_type: str) -> tuple[int, float]:
     """Put the weights, optimizer and random streams back as the checkpoint saved them; returns (iteration, best
@@ -347,13 +357,7 @@ def restore(resumed: dict, path: Path, cfg: GPTConfig, model: GPT, optimizer, ba
         optimizer.load_state_dict(resumed["optimizer"])
         for group in optimizer.param_groups:  # older checkpoints saved fused=False (CPU): the guard needs fused
             group["fused"], group["foreach"] = True, None
-        # each rank's dropout stream; ranks beyond those saved (resuming on more processes) keep their fresh seed
-        states = resumed["rng"].get("ranks") or [resumed["rng"]]
-        if rank < len(states):
-            torch.set_rng_state(states[rank]["torch"])
-            if device_type == "cuda" and "cuda" in states[rank]:
-                torch.cuda.set_rng_state(states[rank]["cuda"])
-        batches.set_state(resumed["rng"]["batches"])
+        restore_random_states(resumed["rng"], rank, device_type, batches)
         json.dumps(resumed["metrics"])  # it goes back into the log
         return int(resumed["iter_num"]), float(resumed["best_val_loss"])
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
@@ -496,9 +500,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--cache-dir", default=None, help="token cache folder (default: DATA_DIR/cache)")
     d.add_argument("--synthetic-notes", type=positive(int), default=300,
                    help="number of notes for --data synthetic (default: 300)")
-    d.add_argument("--codec", choices=("pretrained", "untrained"), default="pretrained",
+    d.add_argument("--codec", default="pretrained",
                    help="pretrained: EnCodec 24 kHz weights (downloaded once); untrained: same network, random "
-                        "weights, codebooks fitted to the data, for offline runs (default: pretrained)")
+                        "weights, codebooks fitted to the data, for offline runs; or PATH: a codec file of "
+                        "train_codec.py (OUT_DIR/codec.pt), carried into the checkpoint (default: pretrained)")
     d.add_argument("--bandwidth", type=float, default=1.5, choices=sorted(BANDWIDTH_LEVELS),
                    help="EnCodec bandwidth in kbps: 1.5, 3, 6, 12 or 24 = 2, 4, 8, 16 or 32 codebooks (default: 1.5)")
     d.add_argument("--pattern", choices=PATTERNS, default="flatten",

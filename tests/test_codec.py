@@ -1,0 +1,150 @@
+"""The trainable codec (codec.py), its trainer (train_codec.py) and its file (data.Codec.load): a few steps on tiny
+data, exact resume, shapes at every bandwidth, the codec file round trip, damaged or wrong files refused."""
+import json
+
+import pytest
+import torch
+
+import checkpoint
+import codec as C
+import data
+import train_codec
+from conftest import read_log
+
+TINY_CODEC = ["--data", "synthetic", "--synthetic-notes", "20", "--seconds", "0.4", "--crop-frames", "16",
+              "--crop-slack", "4", "--batch-size", "4", "--width", "32", "--eval-interval", "2",
+              "--eval-bandwidths", "1.5", "6", "--device", "cpu"]
+
+
+def train_codec_run(out_dir, data_dir, *extra):
+    args = train_codec.parse_args([*TINY_CODEC, "--data-dir", str(data_dir), "--out-dir", str(out_dir), *extra])
+    return train_codec.train(args)
+
+
+@pytest.fixture(scope="module")
+def codec_run(tmp_path_factory):
+    """4 steps of the small codec on 18 synthetic notes of 0.4 s: (out folder, data folder)."""
+    root = tmp_path_factory.mktemp("codec")
+    train_codec_run(root / "out", root / "data", "--max-iters", "4")
+    return root / "out", root / "data"
+
+
+def test_a_few_steps_write_codec_file_log_and_curves(codec_run):
+    out, _ = codec_run
+    log = read_log(out)
+    assert [e["iter"] for e in log] == [0, 2, 4]
+    for entry in log:
+        for bw, levels in (("bw1.5", 2), ("bw6.0", 8)):
+            m = entry["bandwidths"][bw]
+            assert len(m["perplexity"]) == levels and all(1 <= p <= 1024 for p in m["perplexity"])
+            assert {"si_snr_db", "mel_distance", "pitch_kept", "pitch_measured"} <= set(m)
+    assert (out / "codec.pt").is_file() and (out / "ckpt.pt").is_file() and (out / "curves.png").is_file()
+
+
+@pytest.mark.slow
+def test_resume_is_exact(codec_run, tmp_path):
+    """4 steps in one go == 2 steps, then --resume for 2 more: the same weights and codebooks, bit for bit."""
+    reference, data_dir = codec_run
+    out = tmp_path / "out"
+    train_codec_run(out, data_dir, "--max-iters", "2")
+    train_codec_run(out, data_dir, "--max-iters", "4", "--resume")
+    a = checkpoint.load_checkpoint(reference / "codec.pt")["model"]
+    b = checkpoint.load_checkpoint(out / "codec.pt")["model"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [e["iter"] for e in read_log(out)] == [0, 2, 4]
+
+
+@pytest.mark.parametrize("size", ["small", "encodec"])
+def test_encode_decode_shapes_at_every_bandwidth(size):
+    torch.manual_seed(0)
+    model = C.CodecModel(C.CodecConfig(size=size, width=32)).eval()
+    audio = torch.randn(2, 25 * C.HOP) * 0.1
+    for bandwidth, levels in C.BANDWIDTH_LEVELS.items():
+        model.set_target_bandwidth(bandwidth)
+        codes = model.encode(audio)
+        assert codes.shape == (2, levels, 25) and codes.dtype == torch.long
+        assert 0 <= codes.min() and codes.max() < C.CODEBOOK_SIZE
+        assert model.decode(codes).shape == (2, 25 * C.HOP)
+
+
+def test_training_loss_reaches_every_level_and_the_encoder():
+    """codec_loss at 4 levels: commitment per level (4 values), and gradients reach the encoder and decoder."""
+    torch.manual_seed(0)
+    model = C.CodecModel(C.CodecConfig(width=32))
+    audio = torch.randn(2, 16 * C.HOP) * 0.1
+    loss, parts, out = C.codec_loss(model, audio, 4, torch.tensor([110.0, float("nan")]))
+    loss.backward()
+    assert out.commit.shape == (4,) and out.codes.shape == (2, 4, 16)
+    assert {"stft", "l1", "commit", "f0", "harmonic"} <= set(parts)
+    assert model.encoder.inp.weight.grad.abs().sum() > 0
+    assert model.decoder.harmonic_head.weight.grad.abs().sum() > 0
+
+
+def test_codec_load_round_trip(codec_run):
+    """Codec.load gives a data.Codec whose codes and audio survive its identity (what an LM checkpoint carries)."""
+    out, _ = codec_run
+    codec = data.Codec.load(out / "codec.pt", bandwidth=6.0)
+    assert codec.kind == "trained" and codec.levels == 8
+    audio = torch.randn(2, 30 * data.HOP) * 0.1
+    codes = codec.encode(audio)
+    assert codes.shape == (2, 8, 30)
+    decoded = codec.decode(codes)
+    assert decoded.shape == (2, 30 * data.HOP)
+    ident = codec.identity()
+    json.dumps({k: v for k, v in ident.items() if k not in ("codebooks", "weights")})  # cache keys: plain values
+    again = data.Codec.from_identity(ident)
+    assert torch.equal(again.encode(audio), codes)
+    assert torch.equal(again.decode(codes), decoded)
+
+
+def test_damaged_or_wrong_codec_file_is_one_line(codec_run, tmp_path):
+    out, _ = codec_run
+    damaged = tmp_path / "damaged.pt"
+    raw = bytearray((out / "codec.pt").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(raw))
+    for path in (damaged, tmp_path / "missing.pt"):
+        with pytest.raises(data.DataError) as e:
+            data.Codec.load(path)
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+    not_codec = tmp_path / "lm.pt"
+    checkpoint.save_checkpoint({"model": {}, "config": {}, "tokenizer": {}}, not_codec)
+    with pytest.raises(data.DataError, match="not a codec file"):
+        data.Codec.load(not_codec)
+
+
+LM = ["--data", "synthetic", "--synthetic-notes", "12", "--seconds", "0.2", "--dim", "32", "--depth", "1",
+      "--heads", "1", "--dim-head", "16", "--batch-size", "8", "--warmup-iters", "2", "--eval-interval", "3",
+      "--max-iters", "3", "--device", "cpu", "--dtype", "float32"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pattern,bandwidth", [("flatten", "1.5"), ("delay", "1.5"), ("parallel", "6")])
+def test_language_model_on_the_trained_codec_samples(codec_run, tmp_path, pattern, bandwidth):
+    """train.py --codec PATH trains on the trained codec's codes, its checkpoint carries the codec (kind 'trained',
+    its weights), and sample.py decodes with it from the checkpoint alone."""
+    from conftest import run
+    out, _ = codec_run
+    lm = tmp_path / "lm"
+    result = run("train.py", *LM, "--codec", str(out / "codec.pt"), "--pattern", pattern, "--bandwidth",
+                 bandwidth, "--data-dir", str(tmp_path / "data"), "--out-dir", str(lm), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ckpt = checkpoint.load_checkpoint(lm / "ckpt.pt")
+    assert ckpt["codec"]["kind"] == "trained" and "weights" in ckpt["codec"]
+    result = run("sample.py", "--ckpt", str(lm / "ckpt.pt"), "--num-samples", "2", "--pitch", "60",
+                 "--out-dir", str(tmp_path / "samples"), "--device", "cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "samples").glob("*.wav")) == ["sample_pitch60_0.wav",
+                                                                             "sample_pitch60_1.wav"]
+
+
+def test_train_refuses_a_language_model_checkpoint_as_codec(tmp_path):
+    """train.py --codec with a file that is not a codec: one line naming it, no traceback."""
+    from conftest import run
+    not_codec = tmp_path / "lm.pt"
+    checkpoint.save_checkpoint({"model": {}, "config": {}, "tokenizer": {}}, not_codec)
+    result = run("train.py", *LM, "--codec", str(not_codec), "--data-dir", str(tmp_path / "data"),
+                 "--out-dir", str(tmp_path / "o"), cwd=tmp_path)
+    assert result.returncode == 1 and str(not_codec) in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
