@@ -470,21 +470,24 @@ def make_discriminator() -> nn.Module:
         return MultiScaleSTFTDiscriminator(filters=32)
 
 
-def adversarial_losses(disc: nn.Module, real: Tensor, fake: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(discriminator hinge loss, generator hinge loss, feature matching loss) as in EnCodec: the discriminator
-    learns on detached fakes; the generator's losses go through the discriminator's current weights."""
-    real, fake = real[:, None], fake[:, None]
-    logits_real, _ = disc(real)
-    logits_fake_d, _ = disc(fake.detach())
-    d_loss = sum(F.relu(1 - r).mean() + F.relu(1 + f).mean() for r, f in zip(logits_real, logits_fake_d))
-    logits_fake, fmaps_fake = disc(fake)
+def discriminator_loss(disc: nn.Module, real: Tensor, fake: Tensor) -> Tensor:
+    """EnCodec's hinge loss of the discriminator on real audio and detached reconstructions (B, samples)."""
+    logits_real, _ = disc(real[:, None])
+    logits_fake, _ = disc(fake.detach()[:, None])
+    return sum(F.relu(1 - r).mean() + F.relu(1 + f).mean() for r, f in zip(logits_real, logits_fake)) / len(logits_real)
+
+
+def generator_losses(disc: nn.Module, real: Tensor, fake: Tensor) -> tuple[Tensor, Tensor]:
+    """(hinge generator loss, feature matching loss) of the reconstructions, through the discriminator as it is
+    after its own step: feature matching is the L1 between its feature maps of real and reconstructed audio,
+    relative to the real maps' mean magnitude, averaged over all layers of all scales (as EnCodec)."""
+    logits_fake, fmaps_fake = disc(fake[:, None])
     with torch.no_grad():
-        _, fmaps_real = disc(real)
+        _, fmaps_real = disc(real[:, None])
     g_loss = sum(F.relu(1 - f).mean() for f in logits_fake) / len(logits_fake)
     feat = sum(F.l1_loss(f, r) / (r.abs().mean() + 1e-8)
                for fs, rs in zip(fmaps_fake, fmaps_real) for f, r in zip(fs, rs))
-    feat = feat / sum(len(fs) for fs in fmaps_fake)
-    return d_loss / len(logits_real), g_loss, feat
+    return g_loss, feat / sum(len(fs) for fs in fmaps_fake)
 
 
 # ----------------------------------------------------------------------------------------------------

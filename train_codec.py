@@ -59,7 +59,9 @@ def train(args) -> C.CodecModel:
     torch.manual_seed(args.seed + rank)   # each rank its own noise and dead-code restarts
     notes = load_notes(args, verbose=master)
 
-    cfg = C.CodecConfig(**resumed["config"]) if resumed else C.CodecConfig(size=args.size, width=args.width)
+    # the published architecture has no harmonic synthesizer, so its phases can follow the input: EnCodec's L1 x 0.1
+    sized = {"w_l1": 0.1} if args.size == "encodec" else {"width": args.width}
+    cfg = C.CodecConfig(**resumed["config"]) if resumed else C.CodecConfig(size=args.size, **sized)
     model = C.CodecModel(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     disc = disc_optimizer = None
@@ -137,11 +139,12 @@ def train(args) -> C.CodecModel:
                                                                           start[mine].tolist())]).to(device)
         f0 = notes["train_f0"][idx[mine]].to(device)
         loss, parts, out = C.codec_loss(model, audio, levels, f0)
-        if disc is not None:
-            d_loss, g_loss, feat = C.adversarial_losses(disc, audio[:, :out.audio.shape[-1]], out.audio)
+        if disc is not None:  # --adversarial: the discriminator's step first, then the codec's losses through it
+            real = audio[:, :out.audio.shape[-1]]
             disc_optimizer.zero_grad(set_to_none=True)
-            d_loss.backward(retain_graph=True)
+            C.discriminator_loss(disc, real, out.audio).backward()
             disc_optimizer.step()
+            g_loss, feat = C.generator_losses(disc, real, out.audio)
             loss = loss + cfg.w_adv * g_loss + cfg.w_feat * feat
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

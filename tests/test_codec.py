@@ -41,7 +41,6 @@ def test_a_few_steps_write_codec_file_log_and_curves(codec_run):
     assert (out / "codec.pt").is_file() and (out / "ckpt.pt").is_file() and (out / "curves.png").is_file()
 
 
-@pytest.mark.slow
 def test_resume_is_exact(codec_run, tmp_path):
     """4 steps in one go == 2 steps, then --resume for 2 more: the same weights and codebooks, bit for bit."""
     reference, data_dir = codec_run
@@ -135,7 +134,8 @@ def test_language_model_on_the_trained_codec_samples(codec_run, tmp_path, patter
     result = run_script("sample.py", "--ckpt", str(lm / "ckpt.pt"), "--num-samples", "2", "--pitch", "60",
                         "--out-dir", str(tmp_path / "samples"), "--device", "cpu", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert sorted(p.name for p in (tmp_path / "samples").glob("*.wav")) == ["sample_0.wav", "sample_1.wav"]
+    assert sorted(p.name for p in (tmp_path / "samples").glob("*.wav")) == ["sample_pitch60_0.wav",
+                                                                           "sample_pitch60_1.wav"]
 
 
 def test_train_refuses_a_language_model_checkpoint_as_codec(tmp_path):
@@ -147,3 +147,13 @@ def test_train_refuses_a_language_model_checkpoint_as_codec(tmp_path):
                         "--out-dir", str(tmp_path / "o"), cwd=tmp_path)
     assert result.returncode == 1 and str(not_codec) in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_adversarial_steps_run(codec_run, tmp_path):
+    """--adversarial: two steps with EnCodec's MS-STFT discriminator, resumable (its weights are in ckpt.pt)."""
+    _, data_dir = codec_run
+    train_codec_run(tmp_path / "out", data_dir, "--max-iters", "2", "--adversarial", "--no-pitch-eval")
+    ckpt = checkpoint.load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    assert "disc" in ckpt and "disc_optimizer" in ckpt
+    train_codec_run(tmp_path / "out", data_dir, "--max-iters", "3", "--adversarial", "--no-pitch-eval", "--resume")
