@@ -41,7 +41,7 @@ import codec as C
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cli import pick_device, positive
 from data import DataError, EncodedFiles, FRAME_RATE, HOP, load_examples_json, nsynth_labels, read_audio
-from figures import CurvesWriter
+from figures import CurvesWriter, codec_curves
 from prepare import resolve_data
 from train import global_mean, random_states, report_skipped, restore_random_states, rewrite_log, setup_distributed
 
@@ -103,7 +103,7 @@ def train(args) -> C.CodecModel:
     crop = args.crop_frames * HOP
     micro = args.batch_size // world
     loss_sum, steps = torch.zeros((), device=device), 0
-    curves = CurvesWriter(out_dir)
+    curves = CurvesWriter(out_dir, draw=codec_curves)
     bar = tqdm(total=args.max_iters, initial=start_iter, desc="training codec", unit="step",
                disable=None if master else True)
     t0, train_s = time.time(), float(resumed["metrics"].get("train_s", 0.0)) if resumed else 0.0
