@@ -591,10 +591,24 @@ def evaluate(model: CodecModel, audio: Tensor, f0_hz: Tensor | None = None, band
     return result
 
 
-def config_from_dict(d: dict) -> CodecConfig:
-    """CodecConfig from a saved dict (unknown keys are an error: the file is for another codec version)."""
-    return CodecConfig(**d)
+# ----------------------------------------------------------------------------------------------------
+# The codec file: config + the weights inference needs
+
+TRAINING_ONLY = ("embed_avg", "cluster_size", "inited")   # the codebooks' EMA state: a third of the file, unused
+                                                          # by encode/decode
 
 
-def config_dict(cfg: CodecConfig) -> dict:
-    return asdict(cfg)
+def inference_state(model: CodecModel) -> dict:
+    """The state dict without the codebooks' EMA state (what a codec file and an LM checkpoint carry)."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.endswith(TRAINING_ONLY)}
+
+
+def from_inference_state(config: dict, state: dict) -> CodecModel:
+    """A CodecModel from a config dict and inference_state(). Raises TypeError/ValueError (config) or RuntimeError
+    (weights that do not fit)."""
+    model = CodecModel(CodecConfig(**config))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith(TRAINING_ONLY)]
+    if missing or unexpected:
+        raise RuntimeError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.eval()

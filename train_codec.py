@@ -92,9 +92,10 @@ def train(args) -> C.CodecModel:
               + (f"; DDP: {world} processes" if world > 1 else ""))
 
     def save(it: int, metrics: dict, rng: dict) -> None:
-        state = {"config": asdict(cfg), "model": raw_model.state_dict()}
-        save_checkpoint({"kind": CODEC_FILE_KIND, **state, "iter_num": it, "metrics": metrics}, out_dir / "codec.pt")
-        ckpt = {**state, "optimizer": optimizer.state_dict(), "iter_num": it, "metrics": metrics,
+        config = asdict(cfg)
+        save_checkpoint({"kind": CODEC_FILE_KIND, "config": config, "model": C.inference_state(raw_model),
+                         "iter_num": it, "metrics": metrics}, out_dir / "codec.pt")
+        ckpt = {"config": config, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "iter_num": it, "metrics": metrics,
                 "args": vars(args), "rng": rng}
         if disc is not None:
             ckpt.update(disc=disc.state_dict(), disc_optimizer=disc_optimizer.state_dict())
