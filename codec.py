@@ -74,6 +74,7 @@ class CodecConfig:
     w_harmonic: float = 1.0           # log harmonic amplitudes vs the input's, at the teacher f0 ('small')
     w_f0: float = 1.0                 # f0 cross-entropy ('small')
     w_commit: float = 1.0             # commitment, summed over levels
+    w_loudness: float = 0.0           # log RMS per frame vs the input's (tried for the attack's level: RESULTS e5)
     w_adv: float = 3.0                # --adversarial: hinge generator loss and feature matching (EnCodec's 3, 3)
     w_feat: float = 3.0
 
@@ -444,6 +445,10 @@ def codec_loss(model: CodecModel, audio: Tensor, levels: int, f0_hz: Tensor | No
              "l1": F.l1_loss(out.audio, target),
              "commit": out.commit.sum()}
     total = cfg.w_stft * parts["stft"] + cfg.w_l1 * parts["l1"] + cfg.w_commit * parts["commit"]
+    if cfg.w_loudness:
+        frame_rms = lambda x: x.reshape(x.shape[0], -1, HOP).pow(2).mean(-1).add(1e-8).sqrt()  # noqa: E731
+        parts["loudness"] = (torch.log(frame_rms(out.audio) + 1e-4) - torch.log(frame_rms(target) + 1e-4)).abs().mean()
+        total = total + cfg.w_loudness * parts["loudness"]
     if cfg.size == "small" and f0_hz is not None and torch.isfinite(f0_hz).any():
         known = torch.isfinite(f0_hz)
         f0 = f0_hz[known].to(audio)
