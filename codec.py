@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -75,6 +75,7 @@ class CodecConfig:
     w_harmonic: float = 1.0           # log harmonic amplitudes vs the input's, at the teacher f0 ('small')
     w_f0: float = 1.0                 # f0 cross-entropy ('small')
     w_commit: float = 1.0             # commitment, summed over levels
+    w_loudness: float = 0.0           # log RMS per frame vs the input's (tried for the attack's level: RESULTS e5)
     w_adv: float = 3.0                # --adversarial: hinge generator loss and feature matching (EnCodec's 3, 3)
     w_feat: float = 3.0
 
@@ -445,6 +446,10 @@ def codec_loss(model: CodecModel, audio: Tensor, levels: int, f0_hz: Tensor | No
              "l1": F.l1_loss(out.audio, target),
              "commit": out.commit.sum()}
     total = cfg.w_stft * parts["stft"] + cfg.w_l1 * parts["l1"] + cfg.w_commit * parts["commit"]
+    if cfg.w_loudness:
+        frame_rms = lambda x: x.reshape(x.shape[0], -1, HOP).pow(2).mean(-1).add(1e-8).sqrt()  # noqa: E731
+        parts["loudness"] = (torch.log(frame_rms(out.audio) + 1e-4) - torch.log(frame_rms(target) + 1e-4)).abs().mean()
+        total = total + cfg.w_loudness * parts["loudness"]
     if cfg.size == "small" and f0_hz is not None and torch.isfinite(f0_hz).any():
         known = torch.isfinite(f0_hz)
         f0 = f0_hz[known].to(audio)
@@ -471,21 +476,24 @@ def make_discriminator() -> nn.Module:
         return MultiScaleSTFTDiscriminator(filters=32)
 
 
-def adversarial_losses(disc: nn.Module, real: Tensor, fake: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(discriminator hinge loss, generator hinge loss, feature matching loss) as in EnCodec: the discriminator
-    learns on detached fakes; the generator's losses go through the discriminator's current weights."""
-    real, fake = real[:, None], fake[:, None]
-    logits_real, _ = disc(real)
-    logits_fake_d, _ = disc(fake.detach())
-    d_loss = sum(F.relu(1 - r).mean() + F.relu(1 + f).mean() for r, f in zip(logits_real, logits_fake_d))
-    logits_fake, fmaps_fake = disc(fake)
+def discriminator_loss(disc: nn.Module, real: Tensor, fake: Tensor) -> Tensor:
+    """EnCodec's hinge loss of the discriminator on real audio and detached reconstructions (B, samples)."""
+    logits_real, _ = disc(real[:, None])
+    logits_fake, _ = disc(fake.detach()[:, None])
+    return sum(F.relu(1 - r).mean() + F.relu(1 + f).mean() for r, f in zip(logits_real, logits_fake)) / len(logits_real)
+
+
+def generator_losses(disc: nn.Module, real: Tensor, fake: Tensor) -> tuple[Tensor, Tensor]:
+    """(hinge generator loss, feature matching loss) of the reconstructions, through the discriminator as it is
+    after its own step: feature matching is the L1 between its feature maps of real and reconstructed audio,
+    relative to the real maps' mean magnitude, averaged over all layers of all scales (as EnCodec)."""
+    logits_fake, fmaps_fake = disc(fake[:, None])
     with torch.no_grad():
-        _, fmaps_real = disc(real)
+        _, fmaps_real = disc(real[:, None])
     g_loss = sum(F.relu(1 - f).mean() for f in logits_fake) / len(logits_fake)
     feat = sum(F.l1_loss(f, r) / (r.abs().mean() + 1e-8)
                for fs, rs in zip(fmaps_fake, fmaps_real) for f, r in zip(fs, rs))
-    feat = feat / sum(len(fs) for fs in fmaps_fake)
-    return d_loss / len(logits_real), g_loss, feat
+    return g_loss, feat / sum(len(fs) for fs in fmaps_fake)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -566,10 +574,24 @@ def evaluate(model: CodecModel, audio: Tensor, f0_hz: Tensor | None = None, band
     return result
 
 
-def config_from_dict(d: dict) -> CodecConfig:
-    """CodecConfig from a saved dict (unknown keys are an error: the file is for another codec version)."""
-    return CodecConfig(**d)
+# ----------------------------------------------------------------------------------------------------
+# The codec file: config + the weights inference needs
+
+TRAINING_ONLY = ("embed_avg", "cluster_size", "inited")   # the codebooks' EMA state: a third of the file, unused
+                                                          # by encode/decode
 
 
-def config_dict(cfg: CodecConfig) -> dict:
-    return asdict(cfg)
+def inference_state(model: CodecModel) -> dict:
+    """The state dict without the codebooks' EMA state (what a codec file and an LM checkpoint carry)."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.endswith(TRAINING_ONLY)}
+
+
+def from_inference_state(config: dict, state: dict) -> CodecModel:
+    """A CodecModel from a config dict and inference_state(). Raises TypeError/ValueError (config) or RuntimeError
+    (weights that do not fit)."""
+    model = CodecModel(CodecConfig(**config))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith(TRAINING_ONLY)]
+    if missing or unexpected:
+        raise RuntimeError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.eval()

@@ -125,7 +125,8 @@ class Codec:
     kind 'pretrained': Meta's released weights. kind 'untrained': the same network with random weights
     (from a fixed seed) whose codebooks are fitted to the data by k-means. An untrained EnCodec maps all audio
     to code 0, because its codebooks start at zero and are only filled in training mode; fitting them makes the
-    codes carry information, so the whole pipeline can run and be tested offline.
+    codes carry information, so the whole pipeline can run and be tested offline. kind 'trained': a codec of
+    codec.py trained by train_codec.py (Codec.load reads its file), the same codes, notes you can hear.
     """
 
     def __init__(self, model, kind: str, bandwidth: float, seed: int | None = None):
@@ -238,10 +239,9 @@ class Codec:
     @classmethod
     def trained(cls, config: dict, weights: dict, bandwidth: float = 1.5, source: str = "codec") -> Codec:
         """A codec of codec.py (trained by train_codec.py) from its config and state dict."""
-        from codec import CodecConfig, CodecModel
+        from codec import from_inference_state
         try:
-            model = CodecModel(CodecConfig(**config))
-            model.load_state_dict(weights)
+            model = from_inference_state(config, weights)
         except (TypeError, ValueError, RuntimeError) as e:
             raise DataError(f"{source}: its weights do not fit its codec config ({str(e).splitlines()[0]})") from None
         return cls(model, "trained", cls.check_bandwidth(bandwidth))
@@ -251,7 +251,8 @@ class Codec:
         codec carries its config and weights, so a language-model checkpoint needs nothing else to decode."""
         ident = {"kind": self.kind, "bandwidth": self.bandwidth, "levels": self.levels, "sample_rate": SAMPLE_RATE}
         if self.kind == "trained":
-            weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+            from codec import inference_state
+            weights = inference_state(self.model)
             ident.update(config=asdict(self.model.cfg), weights=weights, weights_sha=digest(weights)[:16])
         if self.kind == "untrained":
             books = self.codebooks()
@@ -385,7 +386,8 @@ def encode_files(files: list[Path], codec: Codec, num_frames: int, cache: Path |
                 arrays.append(value)
             entries.append(entry)
         manifest = {"version": 1, "frames": num_frames, "levels": codec.levels,
-                    "codec": {k: v for k, v in codec.identity().items() if k not in ("codebooks", "weights")}, "entries": entries}
+                    "codec": {k: v for k, v in codec.identity().items() if k not in ("codebooks", "weights")},
+                    "entries": entries}
         codes = np.stack(arrays) if arrays else np.zeros((0, codec.levels, num_frames), np.uint16)
         cache.parent.mkdir(parents=True, exist_ok=True)
         manifest_bytes = np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8)

@@ -161,6 +161,41 @@ def curves_from_log(out_dir: str | Path) -> Path:
     return training_curves(entries, Path(out_dir) / "curves.png")
 
 
+def codec_curves(out_dir: str | Path) -> Path:
+    """OUT_DIR/log.jsonl of train_codec.py -> OUT_DIR/curves.png: the codec's loss, then per evaluated bandwidth the
+    share of held-out notes that kept their pitch and the mel distance, against the optimizer step."""
+    log = Path(out_dir) / "log.jsonl"
+    entries = read_log(log)
+    if not entries:
+        raise ValueError(f"{log}: no evaluations in it")
+    fig = _figure(13.0, 3.4)
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.15, top=0.91, wspace=0.22)
+    loss_ax, pitch_ax, mel_ax = fig.subplots(1, 3)
+    for key, label, marker in (("train_loss", "training", None), ("val_loss", "held out", "o")):
+        xs, ys = _series(entries, lambda e: e[key])
+        if xs:
+            loss_ax.plot(xs, ys, label=label, marker=marker, markersize=3)
+    loss_ax.set_title("codec loss (codec.codec_loss)")
+    bandwidths = sorted({bw for e in entries for bw in e.get("bandwidths", {})}, key=lambda b: float(b[2:]))
+    for bw in bandwidths:
+        label = f"{bw[2:]} kbps"
+        xs, ys = _series(entries, lambda e: e["bandwidths"][bw]["pitch_kept"] / e["bandwidths"][bw]["pitch_measured"])
+        pitch_ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        xs, ys = _series(entries, lambda e: e["bandwidths"][bw]["mel_distance"])
+        mel_ax.plot(xs, ys, marker="o", markersize=3, label=label)
+    pitch_ax.set_title("pitch kept (within 50 cents), held-out notes")
+    pitch_ax.set_ylim(-0.02, 1.02)
+    mel_ax.set_title("multi-scale mel distance, held-out notes")
+    for ax in (loss_ax, pitch_ax, mel_ax):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    path = Path(out_dir) / "curves.png"
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
+    return path
+
+
 class CurvesWriter:
     """Redraws OUT_DIR/curves.png from OUT_DIR/log.jsonl after an evaluation (train.py's loop calls update).
 
@@ -168,8 +203,9 @@ class CurvesWriter:
     spend more time drawing than training: a redraw sooner than min_interval_s after the last one is skipped, except
     for the run's last evaluation. At the usual --eval-interval (minutes apart) every evaluation is drawn."""
 
-    def __init__(self, out_dir: str | Path, min_interval_s: float = CURVES_MIN_INTERVAL_S):
+    def __init__(self, out_dir: str | Path, min_interval_s: float = CURVES_MIN_INTERVAL_S, draw=None):
         self.out_dir = Path(out_dir)
+        self.draw = draw or curves_from_log   # train_codec.py passes codec_curves
         self.min_interval_s = min_interval_s
         self.last = -math.inf
         self.warned = False
@@ -179,7 +215,7 @@ class CurvesWriter:
             return
         self.last = time.monotonic()
         try:
-            curves_from_log(self.out_dir)
+            self.draw(self.out_dir)
         except Exception as e:  # a picture must never stop a training run: say so once and carry on
             if not self.warned:
                 print(f"warning: cannot draw {self.out_dir / 'curves.png'} ({type(e).__name__}: {e}); "

@@ -38,7 +38,7 @@ import codec as C
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cli import pick_device, positive, run_or_exit
 from data import DataError, EncodedFiles, FRAME_RATE, HOP, load_examples_json, nsynth_labels, read_audio
-from figures import CurvesWriter
+from figures import CurvesWriter, codec_curves
 from files import append_log, rewrite_log
 import pitch
 from prepare import resolve_data
@@ -58,7 +58,9 @@ def train(args) -> C.CodecModel:
     torch.manual_seed(args.seed + rank)   # each rank its own noise and dead-code restarts
     notes = load_notes(args, verbose=master)
 
-    cfg = C.CodecConfig(**resumed["config"]) if resumed else C.CodecConfig(size=args.size, width=args.width)
+    # the published architecture has no harmonic synthesizer, so its phases can follow the input: EnCodec's L1 x 0.1
+    sized = {"w_l1": 0.1} if args.size == "encodec" else {"width": args.width}
+    cfg = C.CodecConfig(**resumed["config"]) if resumed else C.CodecConfig(size=args.size, **sized)
     model = C.CodecModel(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     disc = disc_optimizer = None
@@ -89,9 +91,10 @@ def train(args) -> C.CodecModel:
               + (f"; DDP: {world} processes" if world > 1 else ""))
 
     def save(it: int, metrics: dict, rng: dict) -> None:
-        state = {"config": asdict(cfg), "model": raw_model.state_dict()}
-        save_checkpoint({"kind": CODEC_FILE_KIND, **state, "iter_num": it, "metrics": metrics}, out_dir / "codec.pt")
-        ckpt = {**state, "optimizer": optimizer.state_dict(), "iter_num": it, "metrics": metrics,
+        config = asdict(cfg)
+        save_checkpoint({"kind": CODEC_FILE_KIND, "config": config, "model": C.inference_state(raw_model),
+                         "iter_num": it, "metrics": metrics}, out_dir / "codec.pt")
+        ckpt = {"config": config, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "iter_num": it, "metrics": metrics,
                 "args": vars(args), "rng": rng}
         if disc is not None:
             ckpt.update(disc=disc.state_dict(), disc_optimizer=disc_optimizer.state_dict())
@@ -100,7 +103,7 @@ def train(args) -> C.CodecModel:
     crop = args.crop_frames * HOP
     micro = args.batch_size // world
     loss_sum, steps = torch.zeros((), device=device), 0
-    curves = CurvesWriter(out_dir)
+    curves = CurvesWriter(out_dir, draw=codec_curves)
     bar = tqdm(total=args.max_iters, initial=start_iter, desc="training codec", unit="step",
                disable=None if master else True)
     t0, train_s = time.time(), float(resumed["metrics"].get("train_s", 0.0)) if resumed else 0.0
@@ -135,11 +138,12 @@ def train(args) -> C.CodecModel:
                                                                           start[mine].tolist())]).to(device)
         f0 = notes["train_f0"][idx[mine]].to(device)
         loss, parts, out = C.codec_loss(model, audio, levels, f0)
-        if disc is not None:
-            d_loss, g_loss, feat = C.adversarial_losses(disc, audio[:, :out.audio.shape[-1]], out.audio)
+        if disc is not None:  # --adversarial: the discriminator's step first, then the codec's losses through it
+            real = audio[:, :out.audio.shape[-1]]
             disc_optimizer.zero_grad(set_to_none=True)
-            d_loss.backward(retain_graph=True)
+            C.discriminator_loss(disc, real, out.audio).backward()
             disc_optimizer.step()
+            g_loss, feat = C.generator_losses(disc, real, out.audio)
             loss = loss + cfg.w_adv * g_loss + cfg.w_feat * feat
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

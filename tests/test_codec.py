@@ -41,15 +41,14 @@ def test_a_few_steps_write_codec_file_log_and_curves(codec_run):
     assert (out / "codec.pt").is_file() and (out / "ckpt.pt").is_file() and (out / "curves.png").is_file()
 
 
-@pytest.mark.slow
 def test_resume_is_exact(codec_run, tmp_path):
     """4 steps in one go == 2 steps, then --resume for 2 more: the same weights and codebooks, bit for bit."""
     reference, data_dir = codec_run
     out = tmp_path / "out"
     train_codec_run(out, data_dir, "--max-iters", "2")
     train_codec_run(out, data_dir, "--max-iters", "4", "--resume")
-    a = checkpoint.load_checkpoint(reference / "codec.pt")["model"]
-    b = checkpoint.load_checkpoint(out / "codec.pt")["model"]
+    a = checkpoint.load_checkpoint(reference / "ckpt.pt")["model"]   # codebooks' EMA state included
+    b = checkpoint.load_checkpoint(out / "ckpt.pt")["model"]
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [e["iter"] for e in read_log(out)] == [0, 2, 4]
@@ -148,3 +147,13 @@ def test_train_refuses_a_language_model_checkpoint_as_codec(tmp_path):
                  "--out-dir", str(tmp_path / "o"), cwd=tmp_path)
     assert result.returncode == 1 and str(not_codec) in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_adversarial_steps_run(codec_run, tmp_path):
+    """--adversarial: two steps with EnCodec's MS-STFT discriminator, resumable (its weights are in ckpt.pt)."""
+    _, data_dir = codec_run
+    train_codec_run(tmp_path / "out", data_dir, "--max-iters", "2", "--adversarial", "--no-pitch-eval")
+    ckpt = checkpoint.load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    assert "disc" in ckpt and "disc_optimizer" in ckpt
+    train_codec_run(tmp_path / "out", data_dir, "--max-iters", "3", "--adversarial", "--no-pitch-eval", "--resume")
