@@ -75,7 +75,7 @@ class CodecConfig:
     w_harmonic: float = 1.0           # log harmonic amplitudes vs the input's, at the teacher f0 ('small')
     w_f0: float = 1.0                 # f0 cross-entropy ('small')
     w_commit: float = 1.0             # commitment, summed over levels
-    w_loudness: float = 0.0           # log RMS per frame vs the input's (tried for the attack's level: RESULTS e5)
+    w_loudness: float = 0.0           # log RMS per frame vs the input's (tried for the attack's level: docs/codec.md)
     w_adv: float = 3.0                # --adversarial: hinge generator loss and feature matching (EnCodec's 3, 3)
     w_feat: float = 3.0
 

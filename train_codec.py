@@ -23,6 +23,7 @@ Reading order: the loop first, then the data, checkpoints and flags; the loss is
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from dataclasses import asdict
@@ -40,6 +41,7 @@ from cli import pick_device, positive, run_or_exit
 from data import DataError, EncodedFiles, FRAME_RATE, HOP, load_examples_json, nsynth_labels, read_audio
 from figures import CurvesWriter, codec_curves
 from files import append_log, rewrite_log
+from guards import NonFiniteSteps, StopSignals, Stopped, agree
 import pitch
 from prepare import resolve_data
 from train import global_mean, random_states, report_skipped, restore_random_states, setup_distributed
@@ -62,7 +64,8 @@ def train(args) -> C.CodecModel:
     sized = {"w_l1": 0.1} if args.size == "encodec" else {"width": args.width}
     cfg = C.CodecConfig(**resumed["config"]) if resumed else C.CodecConfig(size=args.size, **sized)
     model = C.CodecModel(cfg).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)   # fused: the guard can skip a step
+    guard = NonFiniteSteps(optimizer, device, advice=f"try a lower --lr (this run: {args.lr:g})")
     disc = disc_optimizer = None
     if args.adversarial:
         disc = C.make_discriminator().to(device)
@@ -71,9 +74,14 @@ def train(args) -> C.CodecModel:
 
     out_dir = Path(args.out_dir)
     start_iter = 0
+    loss_sum, steps = torch.zeros((), device=device), torch.zeros((), device=device)   # since the last evaluation
     if resumed:
         start_iter = restore(resumed, out_dir / "ckpt.pt", model, optimizer, disc, disc_optimizer, batches, rank,
                              device)
+        if "interval" in resumed:  # stopped between evaluations: the sums so far count towards the next one
+            loss_sum += resumed["interval"]["loss_sum"].to(device)
+            steps += resumed["interval"]["steps"].to(device)
+            guard.load_state_dict(resumed["interval"]["guard"])
         if master:
             rewrite_log(out_dir / "log.jsonl", resumed["metrics"])
             print(f"resuming from {out_dir / 'ckpt.pt'} at iteration {start_iter}")
@@ -90,71 +98,116 @@ def train(args) -> C.CodecModel:
               f"{raw_model.num_params() / 1e6:.2f}M parameters; {device}"
               + (f"; DDP: {world} processes" if world > 1 else ""))
 
-    def save(it: int, metrics: dict, rng: dict) -> None:
+    last_metrics = resumed["metrics"] if resumed else None   # the last evaluation: what a checkpoint holds
+    last_saved = (out_dir / "ckpt.pt", start_iter) if resumed else None
+
+    def last_good() -> str:
+        """Where a diverged run can be continued from (every checkpoint written had finite weights)."""
+        return (f"the last checkpoint with finite weights is {last_saved[0]} (iteration {last_saved[1]})"
+                if last_saved else "no checkpoint was written")
+
+    def save(it: int, metrics: dict, rng: dict, interval: dict | None = None) -> None:
+        """ckpt.pt (resumable) and, at evaluations, codec.pt; never with weights or codebooks that are not finite
+        (the codebooks are buffers, updated in the forward pass even of a step the guard skips)."""
+        guard.check_weights(raw_model.state_dict().values(), it, last_good())
         config = asdict(cfg)
-        save_checkpoint({"kind": CODEC_FILE_KIND, "config": config, "model": C.inference_state(raw_model),
-                         "iter_num": it, "metrics": metrics}, out_dir / "codec.pt")
-        ckpt = {"config": config, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "iter_num": it, "metrics": metrics,
-                "args": vars(args), "rng": rng}
+        if interval is None:
+            save_checkpoint({"kind": CODEC_FILE_KIND, "config": config, "model": C.inference_state(raw_model),
+                             "iter_num": it, "metrics": metrics}, out_dir / "codec.pt")
+        ckpt = {"config": config, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "iter_num": it, "metrics": metrics, "args": vars(args), "rng": rng}
+        if interval is not None:   # written between evaluations: what the next evaluation's log line sums
+            ckpt["interval"] = interval
         if disc is not None:
             ckpt.update(disc=disc.state_dict(), disc_optimizer=disc_optimizer.state_dict())
         save_checkpoint(ckpt, out_dir / "ckpt.pt")
 
     crop = args.crop_frames * HOP
     micro = args.batch_size // world
-    loss_sum, steps = torch.zeros((), device=device), 0
     curves = CurvesWriter(out_dir, draw=codec_curves)
     bar = tqdm(total=args.max_iters, initial=start_iter, desc="training codec", unit="step",
                disable=None if master else True)
     t0, train_s = time.time(), float(resumed["metrics"].get("train_s", 0.0)) if resumed else 0.0
-    for it in range(start_iter, args.max_iters + 1):
-        if (it % args.eval_interval == 0 or it == args.max_iters) and not (resumed and it == start_iter):
-            train_loss = global_mean(loss_sum / steps, world) if steps else None
-            rng = random_states(world, "cuda" if device.startswith("cuda") else "cpu", batches)
-            if master:
-                metrics = {"iter": it, "train_loss": train_loss, "lr": args.lr, "train_s": round(train_s, 1),
-                           "elapsed_s": round(time.time() - t0, 1)}
-                metrics.update(evaluation(raw_model, notes, args))
-                append_log(out_dir / "log.jsonl", metrics)
-                tqdm.write(summary_line(metrics))
-                save(it, metrics, rng)
-                curves.update(final=it == args.max_iters)
-            loss_sum.zero_()
-            steps = 0
-        if it == args.max_iters:
-            break
+    if resumed and "interval" in resumed:
+        train_s = float(resumed["interval"]["train_s"])
+    stop, stopped_at = StopSignals(), None      # SIGTERM, SIGINT, SIGUSR1: finish the step, save, exit
+    with stop:
+        for it in range(start_iter, args.max_iters + 1):
+            if ((it % args.eval_interval == 0 or it == args.max_iters)
+                    and not (last_metrics is not None and last_metrics["iter"] == it)):
+                counted = int(steps.item())
+                train_loss = global_mean(loss_sum / counted, world) if counted else None
+                skipped = guard.take_skipped()
+                guard.raise_if_diverged(last_good())
+                rng = random_states(world, "cuda" if device.startswith("cuda") else "cpu", batches)
+                metrics = None
+                if master:
+                    metrics = {"iter": it, "train_loss": train_loss, "skipped_steps": skipped, "lr": args.lr,
+                               "train_s": round(train_s, 1), "elapsed_s": round(time.time() - t0, 1)}
+                    metrics.update(evaluation(raw_model, notes, args))
+                if agree(master and not math.isfinite(metrics["val_loss"]), device):
+                    guard.check_value("validation loss", metrics["val_loss"] if master else math.nan, it,
+                                      last_good())
+                if master:
+                    append_log(out_dir / "log.jsonl", metrics)
+                    tqdm.write(summary_line(metrics))
+                    save(it, metrics, rng)
+                    curves.update(final=it == args.max_iters)
+                last_metrics, last_saved = metrics, (out_dir / "ckpt.pt", it)
+                loss_sum.zero_()
+                steps.zero_()
+            if it == args.max_iters:
+                break
 
-        # One step: the same notes, crops and bandwidth on every rank; each rank takes its slice of the notes
-        t_step = time.time()
-        idx = torch.randint(len(notes["train"]), (args.batch_size,), generator=batches)
-        start = torch.randint(notes["frames"] + args.crop_slack - args.crop_frames + 1, (args.batch_size,),
-                              generator=batches) * HOP
-        at_onset = torch.rand(args.batch_size, generator=batches) < ONSET_CROPS
-        start = torch.where(at_onset, 0, start)
-        levels = list(C.BANDWIDTH_LEVELS.values())[int(torch.randint(len(C.BANDWIDTH_LEVELS), (1,),
-                                                                     generator=batches))]
-        mine = slice(rank * micro, (rank + 1) * micro)
-        audio = torch.stack([notes["train"][i, s:s + crop] for i, s in zip(idx[mine].tolist(),
-                                                                          start[mine].tolist())]).to(device)
-        f0 = notes["train_f0"][idx[mine]].to(device)
-        loss, parts, out = C.codec_loss(model, audio, levels, f0)
-        if disc is not None:  # --adversarial: the discriminator's step first, then the codec's losses through it
-            real = audio[:, :out.audio.shape[-1]]
-            disc_optimizer.zero_grad(set_to_none=True)
-            C.discriminator_loss(disc, real, out.audio).backward()
-            disc_optimizer.step()
-            g_loss, feat = C.generator_losses(disc, real, out.audio)
-            loss = loss + cfg.w_adv * g_loss + cfg.w_feat * feat
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum += loss.detach()
-        steps += 1
-        train_s += time.time() - t_step
-        bar.update(1)
-        if (it + 1) % 10 == 0:
-            bar.set_postfix(loss=f"{global_mean(loss_sum / steps, world):.3f}")
-    bar.close()
+            # One step: the same notes, crops and bandwidth on every rank; each rank takes its slice of the notes
+            t_step = time.time()
+            idx = torch.randint(len(notes["train"]), (args.batch_size,), generator=batches)
+            start = torch.randint(notes["frames"] + args.crop_slack - args.crop_frames + 1, (args.batch_size,),
+                                  generator=batches) * HOP
+            at_onset = torch.rand(args.batch_size, generator=batches) < ONSET_CROPS
+            start = torch.where(at_onset, 0, start)
+            levels = list(C.BANDWIDTH_LEVELS.values())[int(torch.randint(len(C.BANDWIDTH_LEVELS), (1,),
+                                                                         generator=batches))]
+            mine = slice(rank * micro, (rank + 1) * micro)
+            audio = torch.stack([notes["train"][i, s:s + crop] for i, s in zip(idx[mine].tolist(),
+                                                                              start[mine].tolist())]).to(device)
+            f0 = notes["train_f0"][idx[mine]].to(device)
+            loss, parts, out = C.codec_loss(model, audio, levels, f0)
+            if disc is not None:  # --adversarial: the discriminator's step first, then the codec's losses through it
+                real = audio[:, :out.audio.shape[-1]]
+                disc_optimizer.zero_grad(set_to_none=True)
+                C.discriminator_loss(disc, real, out.audio).backward()
+                disc_optimizer.step()
+                g_loss, feat = C.generator_losses(disc, real, out.audio)
+                loss = loss + cfg.w_adv * g_loss + cfg.w_feat * feat
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in raw_model.parameters() if p.grad is not None])
+            counts = guard.check(loss, grad_norm, it)        # on the device: no wait for the GPU
+            optimizer.step()                                 # which it skips when the step does not count
+            loss_sum += torch.where(counts > 0, loss.detach(), 0.0)
+            steps += counts
+            train_s += time.time() - t_step
+            bar.update(1)
+            if (it + 1) % 10 == 0:
+                guard.raise_if_diverged(last_good())
+                bar.set_postfix(loss=f"{global_mean(loss_sum / steps.clamp(min=1), world):.3f}",
+                                skipped=int(guard.skipped.item()))
+            if stop.agreed(it, device):   # a signal arrived: this step is done, save it and stop
+                stopped_at = it + 1
+                break
+        bar.close()
+        if stopped_at is not None:  # (still inside `with stop`: torchrun SIGTERMs the ranks once one has exited)
+            rng = random_states(world, "cuda" if device.startswith("cuda") else "cpu", batches)
+            interval = {"loss_sum": torch.tensor(global_mean(loss_sum, world)), "steps": steps.cpu(),
+                        "guard": guard.state_dict(), "train_s": train_s}
+            if master:
+                save(stopped_at, last_metrics, rng, interval)
+                print(f"stopped by {stop.name} after step {stopped_at}: saved {out_dir / 'ckpt.pt'}; "
+                      "to continue, run the same command with --resume", flush=True)
+            if world > 1:
+                dist.barrier()  # no rank exits before rank 0 has saved: torchrun would stop it mid-write
+            raise Stopped(stop.exit_status)
     if master:
         print(f"done: the codec is {out_dir / 'codec.pt'}")
     return raw_model
@@ -252,6 +305,8 @@ def restore(resumed: dict, path: Path, model, optimizer, disc, disc_optimizer, b
     try:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
+        for group in optimizer.param_groups:  # a checkpoint saved before the guard: its skip needs fused
+            group["fused"], group["foreach"] = True, None
         if disc is not None:
             disc.load_state_dict(resumed["disc"])
             disc_optimizer.load_state_dict(resumed["disc_optimizer"])

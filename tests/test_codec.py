@@ -1,6 +1,9 @@
 """The trainable codec (codec.py), its trainer (train_codec.py) and its file (data.Codec.load): a few steps on tiny
 data, exact resume, shapes at every bandwidth, the codec file round trip, damaged or wrong files refused."""
 import json
+import math
+import os
+import signal
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ import codec as C
 import data
 import train_codec
 from conftest import read_log
+from guards import Diverged, Stopped
 
 TINY_CODEC = ["--data", "synthetic", "--synthetic-notes", "20", "--seconds", "0.4", "--crop-frames", "16",
               "--crop-slack", "4", "--batch-size", "4", "--width", "32", "--eval-interval", "2",
@@ -52,6 +56,54 @@ def test_resume_is_exact(codec_run, tmp_path):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [e["iter"] for e in read_log(out)] == [0, 2, 4]
+
+
+def test_sigterm_between_evaluations_saves_that_step_and_resumes_exactly(codec_run, tmp_path, monkeypatch):
+    """The codec trainer stops on SIGTERM as train.py does (guards.py): the step in progress finishes, ckpt.pt is
+    written at it (between evaluations) and the exit status is 143; --resume then ends where an uninterrupted run
+    ends, bit for bit (the codec_run fixture: 4 steps in one go)."""
+    reference, data_dir = codec_run
+    real_loss, calls = C.codec_loss, []
+
+    def loss_then_sigterm(model, *args, **kwargs):
+        calls.append(model.training)
+        if sum(calls) == 3:                      # during the third training step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(model, *args, **kwargs)
+    monkeypatch.setattr(C, "codec_loss", loss_then_sigterm)
+    out = tmp_path / "out"
+    with pytest.raises(Stopped) as stopped:
+        train_codec_run(out, data_dir, "--max-iters", "4")
+    assert stopped.value.status == 143
+    saved = checkpoint.load_checkpoint(out / "ckpt.pt")
+    assert saved["iter_num"] == 3 and "interval" in saved                  # after step 3, not the evaluation at 2
+    monkeypatch.setattr(C, "codec_loss", real_loss)
+    train_codec_run(out, data_dir, "--max-iters", "4", "--resume")
+    a = checkpoint.load_checkpoint(reference / "ckpt.pt")["model"]
+    b = checkpoint.load_checkpoint(out / "ckpt.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda log: [{k: v for k, v in e.items() if k not in ("elapsed_s", "train_s")} for e in log]  # noqa
+    assert strip(read_log(out)) == strip(read_log(reference))
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_codec_run(codec_run, tmp_path, monkeypatch):
+    """A training loss that is NaN at every step: each step is skipped (the weights stay those of step 0) and the
+    run stops with one line naming the steps and the last checkpoint with finite weights."""
+    _, data_dir = codec_run
+    real_loss = C.codec_loss
+
+    def nan_in_training(model, *args, **kwargs):
+        loss, parts, out = real_loss(model, *args, **kwargs)
+        return (loss * math.nan if model.training else loss), parts, out
+    monkeypatch.setattr(C, "codec_loss", nan_in_training)
+    out = tmp_path / "out"
+    with pytest.raises(Diverged) as diverged:
+        train_codec_run(out, data_dir, "--max-iters", "20", "--eval-interval", "100", "--no-pitch-eval")
+    assert str(diverged.value) == (f"diverged: steps 0-4 all had a non-finite loss or gradient norm and were skipped "
+                                   f"(5 in a row); the last checkpoint with finite weights is {out / 'ckpt.pt'} "
+                                   "(iteration 0); try a lower --lr (this run: 0.001)")
+    saved = checkpoint.load_checkpoint(out / "ckpt.pt")
+    assert saved["iter_num"] == 0 and all(torch.isfinite(v).all() for v in saved["model"].values())
 
 
 @pytest.mark.parametrize("size", ["small", "encodec"])
