@@ -4,7 +4,7 @@ Benchmarks: codecgpt side by side with x-transformers and the reference recipe, 
     python bench.py                       # CPU: sampling, training steps, encoding; prints a table
     python bench.py --device cuda         # the same on a GPU, plus compiled decoding, --compile training and MFU
     python bench.py --json bench.json     # also write every number (rewritten after every row)
-    python bench.py --only patterns       # one part: sample, train, encode, patterns or guard
+    python bench.py --only patterns       # one part: sample, train, encode, patterns, guard or codec
     python bench.py --device cuda --quick # the GPU check's short run (.ci/gpu): the rows of the H100 targets
 
 x-transformers is imported here and in the tests only (it is a dev dependency, requirements-dev.txt); codecgpt itself
@@ -404,6 +404,46 @@ PATTERN_ROWS = [("flatten", 1.5), ("delay", 1.5), ("parallel", 1.5), ("flatten",
                 ("parallel", 6.0)]
 
 
+def bench_codec(args) -> None:
+    """The codec trained here (codec.py): training steps/s of the small codec and of the published architecture
+    (--size encodec) at train_codec.py's batch (16 crops of 32 frames, 2 codebooks: the bandwidth it draws is
+    random), and notes/s encoding and decoding 1.67 s notes at 1.5 kbps, the small codec beside the published
+    architecture (whose untrained weights cost what the released ones do)."""
+    import codec as C
+    frames, batch, crop = data.DEFAULT_FRAMES, 4 if args.quick and args.device == "cpu" else 16, 32 * data.HOP
+    generator = torch.Generator().manual_seed(0)
+    print(f"\n== codec: training step at batch {batch} x 32 frames, encode/decode of {frames}-frame notes")
+    for size in ("small", "encodec"):
+        torch.manual_seed(0)
+        model = C.CodecModel(C.CodecConfig(size=size, **({"w_l1": 0.1} if size == "encodec" else {})))
+        model.to(args.device).train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+        audio = (0.1 * torch.randn(batch, crop, generator=generator)).to(args.device)
+        f0 = torch.full((batch,), 220.0, device=args.device)
+
+        def step():
+            loss, _, _ = C.codec_loss(model, audio, 2, f0)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        r = timed(step, args.repeats, args.device)
+        report("codec train", f"{size} ({model.num_params() / 1e6:.1f}M parameters)", r, 1 / r["seconds"],
+               "steps/s", baseline="small (3.6M parameters)" if size == "encodec" else None)
+    notes = (0.1 * torch.randn(args.notes, frames * data.HOP, generator=generator)).to(args.device)
+    for size in ("small", "encodec"):
+        torch.manual_seed(0)
+        model = C.CodecModel(C.CodecConfig(size=size)).to(args.device).eval()
+        model.set_target_bandwidth(1.5)
+        with torch.inference_mode():
+            r = timed(lambda: model.encode(notes), args.repeats, args.device)
+            report("codec encode 1.5 kbps", size, r, args.notes / r["seconds"], "notes/s",
+                   baseline="small" if size == "encodec" else None)
+            codes = model.encode(notes)
+            r = timed(lambda: model.decode(codes), args.repeats, args.device)
+            report("codec decode 1.5 kbps", size, r, args.notes / r["seconds"], "notes/s",
+                   baseline="small" if size == "encodec" else None)
+
+
 def bench_patterns(args) -> None:
     """A note (125 frames, 1.67 s) with each pattern at 1.5 and 6 kbps, reference model size, random weights:
     decode steps, sampling frames/s at batch 1 and 16 (from BOS, temperature 1, level-restricted), and training
@@ -462,8 +502,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     p.add_argument("--only", default=None,
-                   help="comma-separated parts to run, from: sample, train, encode, patterns (default: all; with "
-                        "--quick sample, train, encode, guard)")
+                   help="comma-separated parts to run, from: sample, train, encode, patterns, guard, codec (default: "
+                        "all; with --quick all but patterns)")
     p.add_argument("--quick", action="store_true",
                    help="the GPU check's short run (.ci/gpu; under 3 minutes on one H100): sampling at batch 1 and "
                         "256 without the naive loop, training at batch 125 (and dim 512 / depth 12 at 32) with the "
@@ -494,17 +534,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     cuda = args.device == "cuda"
     quick = {"repeats": 2 if cuda else 1, "batches": "1,256" if cuda else "1,4", "naive_max_batch": 0,
              "sample_tokens": SAMPLE_TOKENS if cuda else 32, "train_batches": "125" if cuda else "4",
-             "notes": 128 if cuda else 4, "only": "sample,train,encode,guard"}
+             "notes": 128 if cuda else 4, "only": "sample,train,encode,guard,codec"}
     usual = {"repeats": 3, "batches": "1,16,64,256" if cuda else "1,16,64", "naive_max_batch": 16,
              "sample_tokens": SAMPLE_TOKENS, "train_batches": "16,125", "notes": 64,
-             "only": "sample,train,encode,patterns,guard"}
+             "only": "sample,train,encode,patterns,guard,codec"}
     for name, value in (quick if args.quick else usual).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
     parts = set(args.only.split(","))
-    known = {"sample", "train", "encode", "patterns", "guard"}
+    known = {"sample", "train", "encode", "patterns", "guard", "codec"}
     if not parts <= known:
         p.error(f"--only: unknown parts {sorted(parts - known)}")
     args.parts = parts
@@ -548,9 +588,10 @@ def main(argv=None) -> None:
         SAVE_ROWS = lambda: write_json(args.json, info)  # noqa: E731
     t0 = time.time()
     # --quick puts the slowest part (compiling two training steps) last: under a time limit it is the one cut short
-    order = ("encode", "sample", "guard", "train") if args.quick else ("sample", "train", "guard", "encode", "patterns")
+    order = (("encode", "sample", "guard", "codec", "train") if args.quick
+             else ("sample", "train", "guard", "encode", "patterns", "codec"))
     parts = {"sample": bench_sampling, "train": bench_training, "encode": bench_encoding, "patterns": bench_patterns,
-             "guard": bench_guard}
+             "guard": bench_guard, "codec": bench_codec}
     for part in order:
         if part in args.parts:
             parts[part](args)

@@ -100,6 +100,10 @@ alone = next((r for r in encode if r["name"].startswith("codec.encode only")), N
 if alone:
     lines.append(f"  (the codec alone, audio already read: {speed(alone):,.0f} notes/s)")
 
+for row in rows:   # the codec trained here (train_codec.py): no target yet, the first numbers on a GPU
+    if row["section"] == "codec train":
+        lines.append(f"  codec training, {row['name']}: {speed(row):,.2f} steps/s (train_codec.py's batch)")
+
 machine = bench.get("machine", {})
 print(f"targets on one H100 ({machine.get('gpu') or machine.get('cpu', '?')}"
       + (f": {met} of 5 met" if judged else "; this is a CPU run") + "):")

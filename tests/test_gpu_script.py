@@ -34,10 +34,11 @@ def test_gpu_check_runs_on_the_cpu_and_writes_its_files(tmp_path):
 
     rows = json.loads((out / "bench.json").read_text())["rows"]
     sections = {row["section"] for row in rows}
-    assert {"sample b1", "sample b4", "train tiny dim 64 depth 2 b4", "encode synthetic 2 s notes"} <= sections
+    assert {"sample b1", "sample b4", "train tiny dim 64 depth 2 b4", "encode synthetic 2 s notes",
+            "codec train"} <= sections
     assert all(math.isfinite(row[row["unit"]]) and row[row["unit"]] > 0 for row in rows)
     assert f"bench: {len(rows)} rows" in log
-    for line in ("targets on one H100", "decoding at batch 1", "encoding (encode_files",
+    for line in ("targets on one H100", "decoding at batch 1", "codec training, small", "encoding (encode_files",
                  "GPU check (cpu): PASSED"):
         assert line in log, line
 
