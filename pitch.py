@@ -234,6 +234,20 @@ def pitch_kept(originals: np.ndarray, reconstructions: np.ndarray, sr: int = 24_
     return {"pitch_kept": kept, "pitch_measured": measured, "cents": cents}
 
 
+def levels_kept(originals: np.ndarray, reconstructions: np.ndarray, sr: int = 24_000) -> dict:
+    """Does a codec keep loudness? The attack level (levels_db) of each original note and of its reconstruction
+    (N, samples): {"attack_error_db": the median of |reconstruction - original| in dB, "attack_rank_correlation":
+    rank_correlation of the two (1 = the loudness order of the notes kept), "attack_errors_db": per note} (what
+    train_codec.py's evaluation logs beside pitch_kept). A language model cannot make a note louder than its
+    codec can: this bounds sample.py's loudness vs velocity."""
+    pairs = [(levels_db(o, sr)[1], levels_db(r, sr)[1]) for o, r in zip(originals, reconstructions)]
+    pairs = [(o, r) for o, r in pairs if math.isfinite(o) and math.isfinite(r)]
+    errors = [round(r - o, 1) for o, r in pairs]
+    return {"attack_error_db": float(np.median(np.abs(errors))) if errors else math.nan,
+            "attack_rank_correlation": rank_correlation(*zip(*pairs)) if len(pairs) > 1 else math.nan,
+            "attack_errors_db": errors}
+
+
 def measure(path: str | Path, midi: int, png_dir: str | Path | None = None, pictures: bool = True,
             velocity: int | None = None) -> NoteResult:
     """Measure one file's pitch against its requested MIDI pitch, and its loudness, and, if pictures, write its

@@ -169,6 +169,18 @@ def test_levels_of_a_sine_after_silence_silence_and_nan():
     assert all(math.isnan(x) for x in pitch.levels_db(np.full(sr, np.nan), sr) + pitch.levels_db(np.zeros(0), sr))
 
 
+def test_levels_kept_reads_a_codec_that_halves_every_note_and_one_that_reverses_their_order():
+    """levels_kept: a reconstruction at half the amplitude is 6.0 dB off with the notes' order kept (1.0); one
+    whose loudest note is the quietest original has a negative rank correlation."""
+    sr = 24_000
+    t = np.arange(sr // 2) / sr
+    notes = np.stack([g * np.sin(2 * np.pi * 220 * t) * np.exp(-3 * t) for g in (0.1, 0.2, 0.4, 0.8)])
+    halved = pitch.levels_kept(notes, notes / 2, sr)
+    assert halved["attack_error_db"] == pytest.approx(6.0, abs=0.05) and halved["attack_rank_correlation"] == 1.0
+    assert halved["attack_errors_db"] == pytest.approx([-6.0] * 4, abs=0.05)
+    assert pitch.levels_kept(notes, notes[::-1], sr)["attack_rank_correlation"] == pytest.approx(-1.0)
+
+
 def test_rank_correlation_is_spearmans():
     """Ranks, not values; ties share their mean rank; without ties it equals 1 - 6 sum(d^2) / (n (n^2 - 1))."""
     assert pitch.rank_correlation([1, 2, 3, 4], [10, 200, 3000, 40000]) == pytest.approx(1.0)
