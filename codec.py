@@ -7,8 +7,8 @@ Two sizes, one interface (CodecModel.encode / decode / forward, codec_loss, eval
 
 - 'small' (the default, learns on a 2-core CPU in minutes): a spectral encoder (log-magnitude STFT frames through
   ConvNeXt blocks) and a decoder that knows what a pitched note is (DDSP, Engel et al. 2020): per frame it predicts
-  an f0 (a class over 20-cent bins), the amplitude of each harmonic of that f0 and the spectral envelope of a
-  filtered noise, and a synthesizer turns those into samples. Plain waveform decoders (EnCodec's SEANet, a Vocos
+  an f0 (a class over 20-cent bins), an amplitude and how it is shared among the harmonics of that f0, and the
+  spectral envelope of a filtered noise, and a synthesizer turns those into samples. Plain waveform decoders (EnCodec's SEANet, a Vocos
   iSTFT head) learned no pitch in 30 CPU minutes (issue 16); this one is told what a note is made of.
 - 'encodec': the published 24 kHz architecture (encodec.EncodecModel.encodec_model_24khz(pretrained=False),
   SEANet encoder and decoder), for GPUs. Its EncodecModel is `model.net`, so the released weights load into it
@@ -59,7 +59,7 @@ class CodecConfig:
     encoder_blocks: int = 2
     decoder_blocks: int = 4
     n_fft: int = 2048                 # the encoder's STFT (hop = HOP): 11.7 Hz bins resolve an 82 Hz note's partials
-    loudness_gain: float = 6.4        # the encoder's two loudness channels x sqrt(1025)/5 (SpectralEncoder)
+    loudness_gain: float = 32.0       # the encoder's three loudness channels x 32/5 (SpectralEncoder)
     harmonics: int = 64               # partials of the additive synthesizer (those above 12 kHz are silent)
     noise_bands: int = 65             # the filtered noise's spectral envelope, linear bands 0-12 kHz
     f0_min_midi: float = 23.0         # the f0 classes: 20-cent bins from MIDI 23 (30.9 Hz) to 108 (4186 Hz),
@@ -75,7 +75,7 @@ class CodecConfig:
     w_harmonic: float = 1.0           # log harmonic amplitudes vs the input's, at the teacher f0 ('small')
     w_f0: float = 1.0                 # f0 cross-entropy ('small')
     w_commit: float = 1.0             # commitment, summed over levels
-    w_loudness: float = 0.0           # log RMS per frame vs the input's (tried for the attack's level: docs/codec.md)
+    w_loudness: float = 1.0           # log RMS per 320-sample frame vs the input's: the level, whatever the partials
     w_adv: float = 3.0                # --adversarial: hinge generator loss and feature matching (EnCodec's 3, 3)
     w_feat: float = 3.0
 
@@ -119,18 +119,19 @@ def log_spectrogram(audio: Tensor, n_fft: int) -> Tensor:
 class SpectralEncoder(nn.Module):
     """Log-magnitude STFT frames -> a linear map -> ConvNeXt blocks -> latent (B, latent_dim, frames).
 
-    Each frame's log spectrum is normalised (its mean and spread over frequency removed) and those two numbers are
-    passed on as two extra channels. Without that, the loudness of a frame (the same offset in all 1025 log bins)
-    is by far the largest thing in the latent, and the codebooks cluster the frames by loudness instead of by pitch
-    (measured: 12 codes in use at level 1 for 40 notes, f0 loss stuck). With the loudness as 2 plain channels of
-    1027 it was too weak instead: a note's silent tail shared codes with a loud low note and came back loud at that
-    note's pitch. Scaled by sqrt(1025) / 5 (loudness_gain), they weigh about as much as the spectral shape at the
-    start."""
+    Each frame's log spectrum is normalised (its mean and spread over frequency removed) and those two numbers,
+    with the frame's level (the log of its energy), are passed on as three channels of their own. Without the
+    normalisation, the loudness of a frame (the same offset in all 1025 log bins) is by far the largest thing in
+    the latent, and the codebooks cluster the frames by loudness instead of by pitch (measured: 12 codes in use at
+    level 1 for 40 notes, f0 loss stuck). The mean of the log bins is not the level: most bins lie between the
+    partials, so it follows the brightness; without the level channel the decoder could not tell a soft pluck from
+    a hard one. The three are scaled by loudness_gain / 5 so that they weigh in the first layer against 1025
+    spectral channels (docs/codec.md has what the scale did to the pluck's level)."""
 
     def __init__(self, cfg: CodecConfig):
         super().__init__()
         self.n_fft, self.loudness_gain = cfg.n_fft, cfg.loudness_gain
-        self.inp = nn.Conv1d(cfg.n_fft // 2 + 3, cfg.width, 1)
+        self.inp = nn.Conv1d(cfg.n_fft // 2 + 4, cfg.width, 1)
         self.blocks = nn.Sequential(*[ConvNeXtBlock(cfg.width) for _ in range(cfg.encoder_blocks)])
         self.norm = nn.LayerNorm(cfg.width)
         self.out = nn.Conv1d(cfg.width, cfg.latent_dim, 1)
@@ -138,7 +139,8 @@ class SpectralEncoder(nn.Module):
     def forward(self, audio: Tensor) -> Tensor:
         spec = log_spectrogram(audio, self.n_fft)
         mean, std = spec.mean(1, keepdim=True), spec.std(1, keepdim=True)
-        loud = torch.cat([mean, std], 1) / 5 * self.loudness_gain  # /5: log magnitudes span about -11..3
+        level = torch.logsumexp(2 * spec, 1, keepdim=True) / 2      # log sqrt(energy): the frame's loudness
+        loud = torch.cat([mean, std, level], 1) / 5 * self.loudness_gain  # /5: log magnitudes span about -11..3
         x = torch.cat([(spec - mean) / (std + 1e-5), loud], 1)
         x = self.blocks(self.inp(x))
         return self.out(self.norm(x.transpose(1, 2)).transpose(1, 2))
@@ -155,7 +157,8 @@ def frames_to_samples(x: Tensor, samples: int) -> Tensor:
 
 
 class HarmonicNoiseDecoder(nn.Module):
-    """Latent (B, latent_dim, frames) -> per frame: f0 logits, harmonic amplitudes, noise envelope -> audio.
+    """Latent (B, latent_dim, frames) -> per frame: f0 logits, an amplitude and its distribution over the partials,
+    a noise envelope -> audio.
 
     A plucked string is a sum of partials at whole multiples of its f0, plus the noise of the pluck. The network
     only predicts those few numbers per frame; `synthesize` makes the samples, so pitch is exact by construction
@@ -168,13 +171,15 @@ class HarmonicNoiseDecoder(nn.Module):
         self.blocks = nn.Sequential(*[ConvNeXtBlock(cfg.width) for _ in range(cfg.decoder_blocks)])
         self.norm = nn.LayerNorm(cfg.width)
         self.f0_head = nn.Linear(cfg.width, cfg.f0_bins)
-        self.harmonic_head = nn.Linear(cfg.width, cfg.harmonics)
+        self.amplitude_head = nn.Linear(cfg.width, 1)
+        self.distribution_head = nn.Linear(cfg.width, cfg.harmonics)
         self.noise_head = nn.Linear(cfg.width, cfg.noise_bands)
         with torch.no_grad():
             # start quiet, partials rolling off as 1/k, noise far below them: the first steps then refine a
             # plausible note instead of climbing out of a loud random one
             k = torch.arange(1, cfg.harmonics + 1, dtype=torch.float)
-            self.harmonic_head.bias.copy_(inverse_exp_sigmoid(0.02 / k))
+            self.amplitude_head.bias.fill_(float(inverse_exp_sigmoid(torch.tensor(0.1))))
+            self.distribution_head.bias.copy_(-torch.log(k))
             self.noise_head.bias.fill_(float(inverse_exp_sigmoid(torch.tensor(1e-4))))
         midi = cfg.f0_min_midi + torch.arange(cfg.f0_bins) * cfg.f0_cents_per_bin / 100
         self.register_buffer("bin_hz", 440.0 * 2 ** ((midi - 69) / 12), persistent=False)
@@ -182,7 +187,8 @@ class HarmonicNoiseDecoder(nn.Module):
     def controls(self, latent: Tensor) -> dict:
         h = self.norm(self.blocks(self.inp(latent)).transpose(1, 2))          # (B, frames, width)
         return {"f0_logits": self.f0_head(h),                                 # (B, frames, f0_bins)
-                "harmonics": exp_sigmoid(self.harmonic_head(h)).transpose(1, 2),  # (B, K, frames) amplitudes
+                "amplitude": exp_sigmoid(self.amplitude_head(h)).transpose(1, 2),  # (B, 1, frames)
+                "distribution": self.distribution_head(h).transpose(1, 2),  # (B, K, frames) logits
                 "noise": exp_sigmoid(self.noise_head(h)).transpose(1, 2)}     # (B, bands, frames)
 
     def f0_from_logits(self, logits: Tensor) -> Tensor:
@@ -196,18 +202,28 @@ class HarmonicNoiseDecoder(nn.Module):
         midi = self.cfg.f0_min_midi + bins * self.cfg.f0_cents_per_bin / 100
         return 440.0 * 2 ** ((midi - 69) / 12)
 
+    def harmonic_amplitudes(self, f0: Tensor, amplitude: Tensor, distribution: Tensor) -> Tensor:
+        """Each partial's amplitude (B, K, frames): the overall amplitude (B, 1, frames) shared out by the softmax of
+        the distribution logits (B, K, frames) over the partials below Nyquist (those above would alias). As DDSP
+        does: the level is one number per frame, apart from the spectral shape, so the loudness has an output of
+        its own rather than being spread over 64 (a per-partial output ignored the level: docs/codec.md)."""
+        k = torch.arange(1, distribution.shape[1] + 1, device=f0.device, dtype=f0.dtype)
+        audible = k[None, :, None] * f0[:, None, :] < SAMPLE_RATE / 2
+        return amplitude * distribution.masked_fill(~audible, -torch.inf).softmax(1)
+
     def synthesize(self, f0: Tensor, harmonics: Tensor, noise: Tensor, noise_seed: int | None = None) -> Tensor:
         """f0 (B, frames) Hz, harmonics (B, K, frames), noise (B, bands, frames) -> audio (B, frames * HOP)."""
         B, K, frames = harmonics.shape
         samples = frames * HOP
         k = torch.arange(1, K + 1, device=f0.device, dtype=f0.dtype)
-        # partials above Nyquist would alias: silence them
-        harmonics = harmonics * (k[None, :, None] * f0[:, None, :] < SAMPLE_RATE / 2)
         f0_s = frames_to_samples(f0[:, None], samples)[:, 0]                  # (B, samples)
         amp_s = frames_to_samples(harmonics, samples)                         # (B, K, samples)
         # phase in cycles, kept in [0, 1): (k * (c mod 1)) mod 1 == (k c) mod 1 for whole k, so float32 stays exact
         cycles = torch.cumsum(f0_s / SAMPLE_RATE, dim=-1) % 1.0
-        partials = torch.sin(2 * math.pi * ((k[None, :, None] * cycles[:, None]) % 1.0))
+        # each partial starts at Schroeder's phase (1970), pi k (k - 1) / K: partials all starting at phase 0 add up
+        # to peaks about 15 dB above the RMS, so even a quiet note reached full scale; these keep the peaks low
+        start = math.pi * k * (k - 1) / K
+        partials = torch.sin(2 * math.pi * ((k[None, :, None] * cycles[:, None]) % 1.0) + start[None, :, None])
         harmonic = (amp_s * partials).sum(1)
         # filtered noise: white noise in the STFT domain shaped by the frame's band envelope (n_fft = 2 hops)
         n_fft = 2 * HOP
@@ -310,6 +326,7 @@ class CodecModel(nn.Module):
         if f0_hz is not None:
             known = torch.isfinite(f0_hz)
             f0 = torch.where(known[:, None], f0_hz.nan_to_num(1.0)[:, None].to(f0), f0)
+        c["harmonics"] = self.decoder.harmonic_amplitudes(f0, c.pop("amplitude"), c.pop("distribution"))
         audio = self.decoder.synthesize(f0, c["harmonics"], c["noise"], noise_seed)
         return audio, c
 

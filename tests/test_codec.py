@@ -129,7 +129,25 @@ def test_training_loss_reaches_every_level_and_the_encoder():
     assert out.commit.shape == (4,) and out.codes.shape == (2, 4, 16)
     assert {"stft", "l1", "commit", "f0", "harmonic"} <= set(parts)
     assert model.encoder.inp.weight.grad.abs().sum() > 0
-    assert model.decoder.harmonic_head.weight.grad.abs().sum() > 0
+    assert model.decoder.amplitude_head.weight.grad.abs().sum() > 0
+    assert model.decoder.distribution_head.weight.grad.abs().sum() > 0
+
+
+def test_partials_share_the_amplitude_below_nyquist_and_keep_their_peaks_low():
+    """The decoder's overall amplitude is shared out over the partials below 12 kHz (none above: they would alias),
+    and partials of equal amplitude start at Schroeder's phases: peaks within 8 dB of the RMS (all starting at
+    phase 0, 39 equal partials peak 15 dB above it)."""
+    decoder = C.HarmonicNoiseDecoder(C.CodecConfig(width=32))
+    f0 = torch.tensor([[300.0] * 20, [5000.0] * 20])
+    amplitude = torch.full((2, 1, 20), 0.5)
+    harmonics = decoder.harmonic_amplitudes(f0, amplitude, torch.randn(2, 64, 20))
+    assert torch.allclose(harmonics.sum(1), amplitude[:, 0])
+    assert (harmonics[0, 40:] == 0).all() and (harmonics[0, :39] > 0).all()   # 39 x 300 Hz < 12 kHz <= 40 x 300
+    assert (harmonics[1, 2:] == 0).all() and (harmonics[1, :2] > 0).all()
+    flat = torch.zeros(1, 64, 20)
+    flat[:, :39] = 0.5 / 39
+    audio = decoder.synthesize(f0[:1], flat, torch.zeros(1, 65, 20))[0, 2 * C.HOP:-2 * C.HOP]
+    assert 20 * torch.log10(audio.abs().max() / audio.pow(2).mean().sqrt()) < 8
 
 
 def test_codec_load_round_trip(codec_run):
