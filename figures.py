@@ -163,7 +163,8 @@ def curves_from_log(out_dir: str | Path) -> Path:
 
 def codec_curves(out_dir: str | Path) -> Path:
     """OUT_DIR/log.jsonl of train_codec.py -> OUT_DIR/curves.png: the codec's loss, then per evaluated bandwidth the
-    share of held-out notes that kept their pitch and the mel distance, against the optimizer step."""
+    share of held-out notes that kept their pitch, the rank correlation of their attack levels with the originals'
+    (pitch.levels_kept), and the mel distance, against the optimizer step."""
     log = Path(out_dir) / "log.jsonl"
     entries = read_log(log)
     if not entries:
@@ -180,10 +181,13 @@ def codec_curves(out_dir: str | Path) -> Path:
     for bw in bandwidths:
         label = f"{bw[2:]} kbps"
         xs, ys = _series(entries, lambda e: e["bandwidths"][bw]["pitch_kept"] / e["bandwidths"][bw]["pitch_measured"])
-        pitch_ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        line, = pitch_ax.plot(xs, ys, marker="o", markersize=3, label=f"{label}: pitch")
+        xs, ys = _series(entries, lambda e: e["bandwidths"][bw]["attack_rank_correlation"])
+        if xs:
+            pitch_ax.plot(xs, ys, linestyle="--", color=line.get_color(), label=f"{label}: attack level order")
         xs, ys = _series(entries, lambda e: e["bandwidths"][bw]["mel_distance"])
         mel_ax.plot(xs, ys, marker="o", markersize=3, label=label)
-    pitch_ax.set_title("pitch kept (within 50 cents), held-out notes")
+    pitch_ax.set_title("kept: pitch (share within 50 cents), loudness (rank corr.)")
     pitch_ax.set_ylim(-0.02, 1.02)
     mel_ax.set_title("multi-scale mel distance, held-out notes")
     for ax in (loss_ax, pitch_ax, mel_ax):
