@@ -243,7 +243,7 @@ def levels_kept(originals: np.ndarray, reconstructions: np.ndarray, sr: int = 24
     pairs = [(levels_db(o, sr)[1], levels_db(r, sr)[1]) for o, r in zip(originals, reconstructions)]
     pairs = [(o, r) for o, r in pairs if math.isfinite(o) and math.isfinite(r)]
     errors = [round(r - o, 1) for o, r in pairs]
-    return {"attack_error_db": float(np.median(np.abs(errors))) if errors else math.nan,
+    return {"attack_error_db": round(float(np.median(np.abs(errors))), 2) if errors else math.nan,
             "attack_rank_correlation": rank_correlation(*zip(*pairs)) if len(pairs) > 1 else math.nan,
             "attack_errors_db": errors}
 
