@@ -210,8 +210,6 @@ def synthetic_folder(data_dir: str | Path, num_notes: int, seed: int) -> Path:
     return make_synthetic(Path(data_dir) / f"synthetic-{num_notes}-{seed}", num_notes, seed)
 
 
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=("nsynth-guitar", "synthetic"), help="which notes to put on disk")
