@@ -560,8 +560,9 @@ def evaluate(model: CodecModel, audio: Tensor, f0_hz: Tensor | None = None, band
              batch_size: int = 8, measure: Callable[[np.ndarray, np.ndarray], dict] | None = None) -> dict:
     """On held-out notes audio (N, samples): per bandwidth, the loss (codec_loss, with the teacher f0 as in
     training), SI-SNR (dB), mel distance, perplexity per level, and whatever measure(originals, reconstructions)
-    returns (train_codec.py passes pitch.pitch_kept: the decoder's own f0, from the codes only). Returns
-    {'bw1.5': {...}, 'bw6.0': {...}} and the reconstructions of the first bandwidth under 'audio'."""
+    returns (train_codec.py: pitch and attack level kept, pitch.py; the reconstructions use the decoder's own f0,
+    from the codes only). Returns {'bw1.5': {...}, 'bw6.0': {...}} and the reconstructions of the first bandwidth
+    under 'audio'."""
     was_training = model.training
     model.eval()
     result, first = {}, None

@@ -9,8 +9,8 @@ Train the codec (codec.py) on a folder of notes, so that codecgpt needs no pretr
 
 Writes OUT_DIR/codec.pt (the codec file: its config, weights and digest; `data.Codec.load(path, bandwidth)` reads
 it and `train.py --codec PATH` trains the language model on its codes), OUT_DIR/ckpt.pt (what --resume needs),
-OUT_DIR/log.jsonl (one line per evaluation: per bandwidth SI-SNR, mel distance, codebook perplexity per level and
-pitch kept on the held-out notes) and OUT_DIR/curves.png.
+OUT_DIR/log.jsonl (one line per evaluation: per bandwidth SI-SNR, mel distance, codebook perplexity per level,
+pitch kept and the attack's level kept on the held-out notes) and OUT_DIR/curves.png.
 
 Each step draws notes, a crop of each (a quarter at the onset, the rest anywhere in the part of the note the
 language model learns, --seconds, plus --crop-slack frames) and one
@@ -357,7 +357,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="evaluate on the held-out notes and save every N steps (default: 250)")
     t.add_argument("--eval-bandwidths", type=float, nargs="+", default=[1.5, 6.0],
                    choices=sorted(C.BANDWIDTH_LEVELS), help="kbps evaluated (default: 1.5 6)")
-    t.add_argument("--no-pitch-eval", action="store_true", help="skip pitch kept in evaluations (for tests)")
+    t.add_argument("--no-pitch-eval", action="store_true",
+                   help="skip pitch and level kept in evaluations (for tests)")
     t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: auto)")
     t.add_argument("--seed", type=int, default=0, help="seed of the notes, initialisation and batches (default: 0)")
     t.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt exactly where it stopped")
