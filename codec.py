@@ -608,8 +608,12 @@ def from_inference_state(config: dict, state: dict) -> CodecModel:
     """A CodecModel from a config dict and inference_state(). Raises TypeError/ValueError (config) or RuntimeError
     (weights that do not fit)."""
     model = CodecModel(CodecConfig(**config))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith(TRAINING_ONLY)]
-    if missing or unexpected:
-        raise RuntimeError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith(TRAINING_ONLY)]
+    unexpected = [k for k in state if k not in own]
+    misshapen = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or misshapen:   # e.g. a codec file of an older codec.py: named, not a torch traceback
+        raise RuntimeError(f"missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {misshapen[:3]}; "
+                           "written by another version of codec.py? train it again with train_codec.py")
+    model.load_state_dict(state, strict=False)
     return model.eval()

@@ -181,6 +181,18 @@ def test_damaged_or_wrong_codec_file_is_one_line(codec_run, tmp_path):
     checkpoint.save_checkpoint({"model": {}, "config": {}, "tokenizer": {}}, not_codec)
     with pytest.raises(data.DataError, match="not a codec file"):
         data.Codec.load(not_codec)
+    # a codec file of an older codec.py (its decoder had one 64-wide harmonic head, its encoder one input fewer)
+    older = checkpoint.load_checkpoint(out / "codec.pt")
+    state = older["model"]
+    state["decoder.harmonic_head.weight"] = state.pop("decoder.distribution_head.weight")
+    state["encoder.inp.weight"] = state["encoder.inp.weight"][:, :-1]
+    checkpoint.save_checkpoint(older, tmp_path / "older.pt")
+    with pytest.raises(data.DataError) as e:
+        data.Codec.load(tmp_path / "older.pt")
+    message = str(e.value)
+    assert "\n" not in message and str(tmp_path / "older.pt") in message and "train it again" in message
+    assert "decoder.distribution_head.weight" in message and "decoder.harmonic_head.weight" in message
+    assert "encoder.inp.weight" in message
 
 
 LM = ["--data", "synthetic", "--synthetic-notes", "12", "--seconds", "0.2", "--dim", "32", "--depth", "1",
