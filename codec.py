@@ -8,8 +8,9 @@ Two sizes, one interface (CodecModel.encode / decode / forward, codec_loss, eval
 - 'small' (the default, learns on a 2-core CPU in minutes): a spectral encoder (log-magnitude STFT frames through
   ConvNeXt blocks) and a decoder that knows what a pitched note is (DDSP, Engel et al. 2020): per frame it predicts
   an f0 (a class over 20-cent bins), an amplitude and how it is shared among the harmonics of that f0, and the
-  spectral envelope of a filtered noise, and a synthesizer turns those into samples. Plain waveform decoders (EnCodec's SEANet, a Vocos
-  iSTFT head) learned no pitch in 30 CPU minutes (issue 16); this one is told what a note is made of.
+  spectral envelope of a filtered noise, and a synthesizer turns those into samples. Plain waveform decoders
+  (EnCodec's SEANet, a Vocos iSTFT head) learned no pitch in 30 CPU minutes (issue 16); this one is told what a
+  note is made of.
 - 'encodec': the published 24 kHz architecture (encodec.EncodecModel.encodec_model_24khz(pretrained=False),
   SEANet encoder and decoder), for GPUs. Its EncodecModel is `model.net`, so the released weights load into it
   with model.net.load_state_dict(...).
@@ -212,7 +213,8 @@ class HarmonicNoiseDecoder(nn.Module):
         return amplitude * distribution.masked_fill(~audible, -torch.inf).softmax(1)
 
     def synthesize(self, f0: Tensor, harmonics: Tensor, noise: Tensor, noise_seed: int | None = None) -> Tensor:
-        """f0 (B, frames) Hz, harmonics (B, K, frames), noise (B, bands, frames) -> audio (B, frames * HOP)."""
+        """f0 (B, frames) Hz, harmonics (B, K, frames), noise (B, bands, frames) -> audio (B, frames * HOP). The
+        harmonics are harmonic_amplitudes' (zero above Nyquist), or any the caller has made safe the same way."""
         B, K, frames = harmonics.shape
         samples = frames * HOP
         k = torch.arange(1, K + 1, device=f0.device, dtype=f0.dtype)

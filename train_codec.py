@@ -220,13 +220,13 @@ def evaluation(model: C.CodecModel, notes: dict, args) -> dict:
     """codec.evaluate on the held-out notes at --eval-bandwidths, flattened into log.jsonl's keys; the loss at the
     first bandwidth is val_loss (what curves.png draws) and its perplexities val_perplexity_per_level."""
     result = C.evaluate(model, notes["valid"], notes["valid_f0"], bandwidths=args.eval_bandwidths,
-                        measure=None if args.no_pitch_eval else kept)
+                        measure=None if args.no_pitch_eval else pitch_and_level_kept)
     result.pop("audio")
     first = result[f"bw{float(args.eval_bandwidths[0])}"]
     return {"val_loss": first["loss"], "bandwidths": result}
 
 
-def kept(originals, reconstructions) -> dict:
+def pitch_and_level_kept(originals, reconstructions) -> dict:
     """What the codec keeps of the held-out notes (pitch.py): pitch within 50 cents, and the attack's level."""
     return {**pitch.pitch_kept(originals, reconstructions), **pitch.levels_kept(originals, reconstructions)}
 
@@ -234,8 +234,9 @@ def kept(originals, reconstructions) -> dict:
 def summary_line(m: dict) -> str:
     parts = []
     for bw, r in m["bandwidths"].items():
-        kept = (f", pitch kept {r['pitch_kept']}/{r['pitch_measured']}, attack level within "
-                f"{r['attack_error_db']:.1f} dB (rank corr. {r['attack_rank_correlation']:.2f})" if "pitch_kept" in r else "")
+        kept = "" if "pitch_kept" not in r else (
+            f", pitch kept {r['pitch_kept']}/{r['pitch_measured']}, attack level within {r['attack_error_db']:.1f} dB "
+            f"(rank corr. {r['attack_rank_correlation']:.2f})")
         ppl = "/".join(f"{p:.0f}" for p in r["perplexity"][:4])
         parts.append(f"{bw[2:]} kbps: SI-SNR {r['si_snr_db']:.1f} dB, mel {r['mel_distance']:.3f}, "
                      f"perplexity {ppl}{'/...' if len(r['perplexity']) > 4 else ''}{kept}")
