@@ -28,14 +28,15 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
-from cli import add_shared_flags, non_negative, pick_attention, pick_device, positive, probability, run_or_exit
+from cli import (add_shared_flags, non_negative, pick_attention, pick_device, pitches, positive, probability,
+                 run_or_exit, velocities)
 from data import FRAME_RATE, HOP, SAMPLE_RATE, Codec, DataError, codec_from_checkpoint, read_audio
 from files import atomic_write
 from guards import Stopped
 from model import GPT, KVCache
 from page import write_samples_page
 from pitch import NoteResult, pitch_report
-from tokenizer import MIDI_VALUES, NSYNTH_SOURCES, PATTERNS, CodecTokenizer
+from tokenizer import NSYNTH_SOURCES, PATTERNS, CodecTokenizer
 
 
 def sample(args) -> list[Path]:
@@ -264,29 +265,6 @@ class CompiledDecoder:
 
 # ----------------------------------------------------------------------------------------------------
 # Flags
-
-def midi_numbers(what: str, example: str, example_range: str):
-    """An argparse type for --pitch and --velocity: '60', '60,64,67' or '48-72' (inclusive) -> MIDI numbers, each in
-    0..127, in the order given; a number given twice is made once (--num-samples asks for several takes)."""
-    def parse(text: str) -> list[int]:
-        try:
-            values = []
-            for part in text.split(","):
-                low, _, high = part.strip().partition("-")
-                values += list(range(int(low), int(high) + 1)) if high else [int(low)]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a MIDI {what}, a list like {example} or a range like "
-                                             f"{example_range}, got {text!r}") from None
-        bad = [v for v in values if not 0 <= v < MIDI_VALUES]
-        if bad or not values:
-            raise argparse.ArgumentTypeError(f"MIDI {what} values are 0..127, got {text!r}")
-        return list(dict.fromkeys(values))
-    return parse
-
-
-pitches = midi_numbers("pitch", "60,64,67", "48-72")
-velocities = midi_numbers("velocity", "25,75,127", "25-127")
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
