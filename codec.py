@@ -127,16 +127,25 @@ def nearest(x: Tensor, centroids: Tensor) -> Tensor:
     return ((x * x).sum(1, keepdim=True) - 2 * x @ centroids.T + (centroids * centroids).sum(1)).argmin(1)
 
 
-def kmeans(x: Tensor, k: int, iters: int, gen: torch.Generator) -> Tensor:
-    """Plain k-means on x (N, D) -> (k, D); an empty cluster restarts at a random point."""
-    centroids = x[torch.randint(len(x), (k,), generator=gen)]
-    for _ in range(iters):
-        assign = nearest(x, centroids)
-        counts = torch.bincount(assign, minlength=k).to(x.dtype)
-        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
-        centroids = torch.where((counts == 0)[:, None], x[torch.randint(len(x), (k,), generator=gen)],
-                                sums / counts.clamp(min=1)[:, None])
-    return centroids
+def quantize(latent: Tensor, books: list, update: bool, decay: float, dead_fraction: float
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """latent (B, D, frames) through one codebook per level -> (quantized latent, codes (B, levels, frames),
+    commitment per level); with update, each codebook takes an EMA step. The residuals are made of detached codes,
+    so every level's commitment reaches the encoder."""
+    B, D, T = latent.shape
+    residual, total, codes, commit = latent, torch.zeros_like(latent), [], []
+    for book in books:
+        flat = residual.detach().transpose(1, 2).reshape(-1, D)
+        idx = nearest(flat, book.embed)
+        q = book.embed[idx].view(B, T, D).transpose(1, 2)   # before the update: what encode() would give
+        if update:
+            update_codebook(book, flat, idx, decay, dead_fraction)
+        commit.append(F.mse_loss(residual, q))
+        residual = residual - q
+        total = total + q
+        codes.append(idx.view(B, T))
+    quantized = latent + (total - latent).detach()   # straight-through: the decoder's gradients reach the encoder
+    return quantized, torch.stack(codes, 1), torch.stack(commit)
 
 
 @torch.no_grad()
@@ -160,25 +169,16 @@ def update_codebook(book, x: Tensor, idx: Tensor, decay: float, dead_fraction: f
         book.cluster_size[dead] = use
 
 
-def quantize(latent: Tensor, books: list, update: bool, decay: float, dead_fraction: float
-             ) -> tuple[Tensor, Tensor, Tensor]:
-    """latent (B, D, frames) through one codebook per level -> (quantized latent, codes (B, levels, frames),
-    commitment per level); with update, each codebook takes an EMA step. The residuals are made of detached codes,
-    so every level's commitment reaches the encoder."""
-    B, D, T = latent.shape
-    residual, total, codes, commit = latent, torch.zeros_like(latent), [], []
-    for book in books:
-        flat = residual.detach().transpose(1, 2).reshape(-1, D)
-        idx = nearest(flat, book.embed)
-        q = book.embed[idx].view(B, T, D).transpose(1, 2)   # before the update: what encode() would give
-        if update:
-            update_codebook(book, flat, idx, decay, dead_fraction)
-        commit.append(F.mse_loss(residual, q))
-        residual = residual - q
-        total = total + q
-        codes.append(idx.view(B, T))
-    quantized = latent + (total - latent).detach()   # straight-through: the decoder's gradients reach the encoder
-    return quantized, torch.stack(codes, 1), torch.stack(commit)
+def kmeans(x: Tensor, k: int, iters: int, gen: torch.Generator) -> Tensor:
+    """Plain k-means on x (N, D) -> (k, D); an empty cluster restarts at a random point."""
+    centroids = x[torch.randint(len(x), (k,), generator=gen)]
+    for _ in range(iters):
+        assign = nearest(x, centroids)
+        counts = torch.bincount(assign, minlength=k).to(x.dtype)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        centroids = torch.where((counts == 0)[:, None], x[torch.randint(len(x), (k,), generator=gen)],
+                                sums / counts.clamp(min=1)[:, None])
+    return centroids
 
 
 @torch.no_grad()
