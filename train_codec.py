@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import codec as C
+from codec_extras import discriminator_loss, evaluate, generator_losses, make_discriminator
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cli import pick_device, positive, run_or_exit
 from data import DataError, EncodedFiles, FRAME_RATE, HOP, load_examples_json, nsynth_labels, read_audio
@@ -68,7 +69,7 @@ def train(args) -> C.CodecModel:
     guard = NonFiniteSteps(optimizer, device, advice=f"try a lower --lr (this run: {args.lr:g})")
     disc = disc_optimizer = None
     if args.adversarial:
-        disc = C.make_discriminator().to(device)
+        disc = make_discriminator().to(device)
         disc_optimizer = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9))
     batches = torch.Generator().manual_seed(args.seed)   # notes, crops and bandwidth of each step: same on all ranks
 
@@ -176,9 +177,9 @@ def train(args) -> C.CodecModel:
             if disc is not None:  # --adversarial: the discriminator's step first, then the codec's losses through it
                 real = audio[:, :out.audio.shape[-1]]
                 disc_optimizer.zero_grad(set_to_none=True)
-                C.discriminator_loss(disc, real, out.audio).backward()
+                discriminator_loss(disc, real, out.audio).backward()
                 disc_optimizer.step()
-                g_loss, feat = C.generator_losses(disc, real, out.audio)
+                g_loss, feat = generator_losses(disc, real, out.audio)
                 loss = loss + cfg.w_adv * g_loss + cfg.w_feat * feat
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -217,10 +218,10 @@ def train(args) -> C.CodecModel:
 # Evaluation
 
 def evaluation(model: C.CodecModel, notes: dict, args) -> dict:
-    """codec.evaluate on the held-out notes at --eval-bandwidths, flattened into log.jsonl's keys; the loss at the
-    first bandwidth is val_loss (what curves.png draws) and its perplexities val_perplexity_per_level."""
-    result = C.evaluate(model, notes["valid"], notes["valid_f0"], bandwidths=args.eval_bandwidths,
-                        measure=None if args.no_pitch_eval else pitch_and_level_kept)
+    """codec_extras.evaluate on the held-out notes at --eval-bandwidths, flattened into log.jsonl's keys; the loss at
+    the first bandwidth is val_loss (what curves.png draws) and its perplexities val_perplexity_per_level."""
+    result = evaluate(model, notes["valid"], notes["valid_f0"], bandwidths=args.eval_bandwidths,
+                      measure=None if args.no_pitch_eval else pitch_and_level_kept)
     result.pop("audio")
     first = result[f"bw{float(args.eval_bandwidths[0])}"]
     return {"val_loss": first["loss"], "bandwidths": result}
