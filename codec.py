@@ -317,12 +317,7 @@ class CodecOutput:
 
 
 class CodecModel(nn.Module):
-    """encode / decode for other code, forward for codec_loss. CodecConfig(size="encodec") makes a PublishedCodec."""
-
-    def __new__(cls, cfg: CodecConfig | None = None):
-        if cls is CodecModel and cfg is not None and cfg.size == "encodec":
-            cls = PublishedCodec
-        return super().__new__(cls)
+    """encode / decode for other code, forward for codec_loss (make_codec builds the one a config asks for)."""
 
     def __init__(self, cfg: CodecConfig | None = None):
         super().__init__()
@@ -379,6 +374,12 @@ class CodecModel(nn.Module):
         """Every level's codebook from residual k-means (fit_codebooks) on the latents of audio (B, samples)."""
         latent = torch.cat([self.latent(chunk) for chunk in audio.split(16)])
         fit_codebooks(self.codebooks(), latent.transpose(1, 2).reshape(-1, latent.shape[1]), iters, seed)
+
+
+def make_codec(cfg: CodecConfig | None = None) -> CodecModel:
+    """The codec a config asks for: CodecModel ('small'), or PublishedCodec ('encodec', at the end of this file)."""
+    cfg = cfg or CodecConfig()
+    return PublishedCodec(cfg) if cfg.size == "encodec" else CodecModel(cfg)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -471,7 +472,7 @@ def inference_state(model: CodecModel) -> dict:
 def from_inference_state(config: dict, state: dict) -> CodecModel:
     """A CodecModel from a config dict and inference_state(). Raises TypeError/ValueError (config) or RuntimeError
     (weights that do not fit)."""
-    model = CodecModel(CodecConfig(**config))
+    model = make_codec(CodecConfig(**config))
     own = model.state_dict()
     missing = [k for k in own if k not in state and not k.endswith(TRAINING_ONLY)]
     unexpected = [k for k in state if k not in own]

@@ -64,7 +64,7 @@ def train(args) -> C.CodecModel:
     # the published architecture has no harmonic synthesizer, so its phases can follow the input: EnCodec's L1 x 0.1
     sized = {"w_l1": 0.1} if args.size == "encodec" else {"width": args.width}
     cfg = C.CodecConfig(**resumed["config"]) if resumed else C.CodecConfig(size=args.size, **sized)
-    model = C.CodecModel(cfg).to(device)
+    model = C.make_codec(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)   # fused: the guard can skip a step
     guard = NonFiniteSteps(optimizer, device, advice=f"try a lower --lr (this run: {args.lr:g})")
     disc = disc_optimizer = None

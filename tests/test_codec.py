@@ -110,7 +110,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_codec_run(codec_run, tmp_pat
 @pytest.mark.parametrize("size", ["small", "encodec"])
 def test_encode_decode_shapes_at_every_bandwidth(size):
     torch.manual_seed(0)
-    model = C.CodecModel(C.CodecConfig(size=size, width=32)).eval()
+    model = C.make_codec(C.CodecConfig(size=size, width=32)).eval()
     audio = torch.randn(2, 25 * C.HOP) * 0.1
     for bandwidth, levels in C.BANDWIDTH_LEVELS.items():
         model.set_target_bandwidth(bandwidth)
@@ -123,7 +123,7 @@ def test_encode_decode_shapes_at_every_bandwidth(size):
 def test_training_loss_reaches_every_level_and_the_encoder():
     """codec_loss at 4 levels: commitment per level (4 values), and gradients reach the encoder and decoder."""
     torch.manual_seed(0)
-    model = C.CodecModel(C.CodecConfig(width=32))
+    model = C.make_codec(C.CodecConfig(width=32))
     audio = torch.randn(2, 16 * C.HOP) * 0.1
     loss, parts, out = C.codec_loss(model, audio, 4, torch.tensor([110.0, float("nan")]))
     loss.backward()
@@ -171,10 +171,10 @@ def test_published_architecture_is_encodecs_model():
     its quantizer the codec's, its loss without the f0 and harmonic parts."""
     from encodec import EncodecModel
     torch.manual_seed(0)
-    model = C.CodecModel(C.CodecConfig(size="encodec"))
+    model = C.make_codec(C.CodecConfig(size="encodec"))
     assert isinstance(model, C.CodecModel) and isinstance(model.net, EncodecModel)
     assert model.quantizer is model.net.quantizer
-    released = C.CodecModel(C.CodecConfig(size="encodec")).net.state_dict()   # the released weights' keys, shapes
+    released = C.make_codec(C.CodecConfig(size="encodec")).net.state_dict()   # the released weights' keys, shapes
     model.net.load_state_dict(released)
     _, parts, out = C.codec_loss(model, torch.randn(1, 8 * C.HOP) * 0.1, 2, torch.tensor([110.0]))
     assert set(parts) == {"stft", "l1", "commit", "loudness"} and out.codes.shape == (1, 2, 8)
