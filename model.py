@@ -18,8 +18,8 @@ Sampling (generate) runs the prompt once and keeps every layer's keys and values
 costs one position instead of the whole sequence again.
 
 Reading order: GPTConfig, rotary, explicit_attention (the textbook formula), Attention, KVCache, MLP, Block,
-GPT.forward, GPT.generate and its steps, sample_next. The last sections hold what a first read can skip: "Faster
-paths" (the same maths, faster: set_attention and the decoders for torch.compile) and the x-transformers mapping.
+GPT.forward, GPT.generate and its steps. A first read can skip the last two sections: "Faster paths" (the same
+maths, faster) and the x-transformers mapping.
 """
 from __future__ import annotations
 
@@ -199,9 +199,8 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def set_attention(self, kind: str) -> None:
-        """'explicit' (explicit_attention and nn.Dropout, to read), or a faster path of the same maths from "Faster
-        paths": 'fast' (fewer passes, a cheaper dropout mask on CPU) or 'fused' (F.scaled_dot_product_attention,
-        flash on CUDA)."""
+        """'explicit' (explicit_attention, nn.Dropout), or the same maths from "Faster paths": 'fast' (fewer passes,
+        a cheaper dropout mask on CPU) or 'fused' (F.scaled_dot_product_attention, flash on CUDA)."""
         if kind not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_KINDS)}, got {kind!r}")
         for block in self.blocks:
@@ -209,15 +208,12 @@ class GPT(nn.Module):
         swap_dropouts(self, kind)
 
     def forward(self, idx: Tensor, pos: int = 0, caches: list[KVCache] | None = None) -> Tensor:
-        """idx: (B, T) token ids at positions pos, pos + 1, ... -> logits (B, T, vocab_size); the logits at
-        position t score every candidate for the token at t + 1. Several streams: (B, streams, T) ->
-        (B, streams, T, vocab_size). With caches (one KVCache per block), keys and values of earlier positions
-        come from the cache and this call's are written into it."""
+        """idx (B, [streams,] T): token ids at positions pos.. -> logits (B, [streams,] T, vocab_size); the logits
+        at t score every candidate for the token at t + 1. caches (one KVCache per block) hold earlier positions."""
         T = idx.shape[-1]
         if pos + T > self.cfg.max_seq_len:
             raise ValueError(f"positions up to {pos + T} exceed max_seq_len={self.cfg.max_seq_len}")
-        # Queries sit at positions pos .. pos+T-1 and keys at 0 .. pos+T-1: the rows pos.. of the lower triangle.
-        # A single query (one decoding step) may see every key so far, so it needs no mask.
+        # Queries at positions pos.. and keys from 0: rows pos.. of the lower triangle. One query sees every key.
         mask = self.causal_mask[pos:pos + T, :pos + T] if T > 1 else None
         return self.layers(idx, self.rotations[pos:pos + T], mask, pos, caches)
 
@@ -257,14 +253,12 @@ class GPT(nn.Module):
                  top_k: int | None = None, top_p: float | None = None, use_kv_cache: bool = True,
                  generator: torch.Generator | None = None, allowed: Tensor | None = None,
                  uncond_prompt: Tensor | None = None, cfg_scale: float = 1.0, decoder=None) -> Tensor:
-        """Sample max_new_tokens after prompt (B, T0), or (B, streams, T0); returns the prompt and the new tokens,
-        (B, [streams,] T0 + max_new_tokens).
+        """Sample max_new_tokens after prompt (B, [streams,] T0) -> (B, [streams,] T0 + max_new_tokens).
 
-        temperature 0 is greedy; top_k, top_p: sample_next. allowed (T0 + max_new_tokens, [streams,] vocab_size)
-        bool: what may be sampled at each position (tokenizer.allowed). use_kv_cache=False re-runs the whole
-        sequence for every token, like the reference. uncond_prompt (the prompt with "unknown" conditions) and
-        cfg_scale: classifier-free guidance, both prompts in one batch of 2B (next_token). decoder: what makes the
-        caches and runs each one-token step: this model by default, or a CompiledDecoder (Faster paths).
+        temperature, top_k, top_p: sample_next. allowed (T0 + max_new_tokens, [streams,] vocab) bool: what may be
+        sampled at each position (tokenizer.allowed). use_kv_cache=False re-runs the whole sequence for every token,
+        like the reference. uncond_prompt and cfg_scale: classifier-free guidance, both prompts in one batch.
+        decoder: makes the caches and decodes one token: this model, or a CompiledDecoder (Faster paths).
         """
         guided = uncond_prompt is not None and cfg_scale != 1.0
         self.check_room(prompt, max_new_tokens, uncond_prompt if guided else None)
@@ -299,13 +293,12 @@ class GPT(nn.Module):
     @classmethod
     def from_x_transformers(cls, state_dict: dict[str, Tensor], heads: int, dim_head: int = 64,
                             max_seq_len: int = 250) -> GPT:
-        """The reference recipe's model: a GPT with every weight of x-transformers' TransformerWrapper(attn_layers=
-        Decoder(rotary_pos_emb=True)) copied in (gpt_from_x_transformers, at the end of this file, maps them)."""
+        """The reference recipe's x-transformers model as a GPT, every weight copied (gpt_from_x_transformers)."""
         return gpt_from_x_transformers(state_dict, heads, dim_head, max_seq_len)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Choosing the next token
+# generate's steps: the token buffer, then choosing each next token
 
 def start_sequences(prompt: Tensor, total: int, uncond_prompt: Tensor | None) -> Tensor:
     """generate's token buffer (B, [streams,] total), the prompt first. With guidance 2B rows: rows B.. start
@@ -322,9 +315,8 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 
 def next_token(logits: Tensor, allowed: Tensor | None, cfg_scale: float | None, **sampling) -> Tensor:
-    """Tokens (rows, [streams]) for the logits (rows, [streams,] vocab) of one position: guided when cfg_scale is
-    given (the rows are conditional then unconditional copies, and both get the token), among allowed
-    ([streams,] vocab) bool only; **sampling: sample_next's temperature, top_k, top_p, generator."""
+    """The tokens (rows, [streams]) of one position from its logits (rows, [streams,] vocab), among allowed
+    ([streams,] vocab) only; with cfg_scale, guided (both copies of a note get its token). sampling: sample_next's."""
     if cfg_scale is not None:
         logits = classifier_free_guidance(logits, cfg_scale)
     rows = logits.flatten(0, -2)  # one row per token to pick: (B, vocab) or (B * streams, vocab)
@@ -342,8 +334,8 @@ def classifier_free_guidance(logits: Tensor, scale: float) -> Tensor:
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                 generator: torch.Generator | None = None, allowed: Tensor | None = None) -> Tensor:
-    """Pick one token per row of logits (B, vocab) -> (B,): among allowed (vocab,) bool only, the argmax at
-    temperature 0, else a draw from logits_to_probs."""
+    """One token per row of logits (B, vocab) -> (B,), among allowed (vocab,) only: the argmax at temperature 0,
+    else a draw from logits_to_probs."""
     logits = logits.float()
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
@@ -371,9 +363,8 @@ def logits_to_probs(logits: Tensor, top_k: int | None = None, top_p: float | Non
 
 
 def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """One column per row of probs (B, n), with those probabilities -> (B, 1). Inverse CDF: one uniform number u
-    per row, the first column whose cumulative probability exceeds u; the distribution of torch.multinomial, much
-    cheaper on CPU. right=True never picks a column of probability 0 (its cumulative sum equals its predecessor's)."""
+    """One column per row of probs (B, n) -> (B, 1), by inverse CDF: the first column whose cumulative probability
+    exceeds a uniform u. torch.multinomial's distribution, cheaper on CPU. right=True skips columns of probability 0."""
     cdf = probs.cumsum(dim=-1)
     u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
@@ -398,9 +389,8 @@ def fast_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout
 
 
 def fused_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: nn.Module) -> Tensor:
-    """explicit_attention as one F.scaled_dot_product_attention call (flash attention on CUDA). As many queries as
-    keys means the mask is the square lower triangle: is_causal=True, which lets the kernel skip masked blocks.
-    (is_causal aligns the triangle top-left, so with a cache and fewer queries than keys the mask goes in as is.)"""
+    """explicit_attention in one F.scaled_dot_product_attention call (flash on CUDA). With as many queries as keys
+    the mask is the square triangle: is_causal, which skips masked blocks (it is aligned top-left: not with a cache)."""
     causal = mask is not None and q.shape[2] == k.shape[2]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
                                           dropout_p=dropout.p if dropout.training else 0.0)
@@ -412,8 +402,7 @@ ATTENTION_KINDS = tuple(ATTENTIONS)
 
 class FastDropout(nn.Dropout):
     """nn.Dropout that returns x at once when there is nothing to drop (every call while sampling), and with
-    cheap_mask draws its random mask on CPU from a quarter of the random numbers (cheap_dropout): F.dropout draws
-    one per element, a fifth of a CPU training step at the reference size."""
+    cheap_mask draws its mask on CPU from a quarter of F.dropout's random numbers (cheap_dropout)."""
 
     def __init__(self, p: float, cheap_mask: bool = False):
         super().__init__(p)
@@ -428,9 +417,8 @@ class FastDropout(nn.Dropout):
 
 
 def cheap_dropout(x: Tensor, p: float) -> Tensor:
-    """F.dropout(x, p) with a mask from a quarter of the random draws. Each 16-bit quarter of a random 64-bit draw
-    is a uniform int16, and an element is dropped when it falls in the lowest p * 2^16 values (p is rounded to a
-    multiple of 2^-16). Kept elements are scaled by 1 / (1 - p), as in F.dropout."""
+    """F.dropout(x, p) from a quarter of the random draws: each 16-bit quarter of a random int64 is a uniform int16,
+    and an element is dropped when it is among the lowest p * 2^16 values. Kept ones are scaled by 1 / (1 - p)."""
     n = x.numel()
     bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, 2**63 - 1).view(torch.int16)
     keep = bits[:n].view(x.shape) >= round(p * 2**16) - 2**15
@@ -438,8 +426,8 @@ def cheap_dropout(x: Tensor, p: float) -> Tensor:
 
 
 def swap_dropouts(model: nn.Module, kind: str) -> None:
-    """Every dropout of model becomes an nn.Dropout for attention 'explicit', a FastDropout for the faster kinds,
-    with the cheap mask for 'fast' only ('fused' keeps F.dropout's random numbers)."""
+    """Every dropout of model becomes an nn.Dropout for 'explicit', else a FastDropout, with the cheap mask for
+    'fast' only."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Dropout):
@@ -448,8 +436,8 @@ def swap_dropouts(model: nn.Module, kind: str) -> None:
 
 
 class StaticKVCache(KVCache):
-    """A KVCache's buffers, written at a tensor of positions and read whole, masked by the caller: the same
-    shapes at every position. The prompt, run once by GPT.prefill at int positions, goes in as in KVCache."""
+    """A KVCache's buffers, written at tensor positions and read whole (the caller masks): the same shapes at every
+    position. An int position (GPT.prefill's prompt) goes in as in KVCache."""
 
     def __init__(self, cache: KVCache):
         self.k, self.v = cache.k, cache.v
@@ -463,17 +451,17 @@ class StaticKVCache(KVCache):
 
 
 class StaticDecoder:
-    """GPT.decode_one_token with the same tensor shapes at every position, for GPT.generate(decoder=...): the
-    position goes in as a 1-element tensor and attention covers the whole cache, the slots after the position
-    masked out. torch.compile then makes one graph for every position (CompiledDecoder)."""
+    """GPT.decode_one_token with the same shapes at every position, for GPT.generate(decoder=...): the position is
+    a 1-element tensor and attention covers the whole cache, later slots masked. torch.compile then makes one graph
+    for every position (CompiledDecoder)."""
 
     def __init__(self, model: GPT):
         self.model = model
         self.key, self.caches, self.positions = None, None, None
 
     def new_caches(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> list[KVCache]:
-        """Empty StaticKVCaches, kept for the next generate of the same shape: a CUDA graph reads and writes fixed
-        addresses. Reusing them is safe: every slot is written before a query at or after its position reads it."""
+        """Empty StaticKVCaches, kept for the next generate of the same shape, as a CUDA graph reads and writes
+        fixed addresses (safe: a slot is always written before a query reads it)."""
         # (inference-mode tensors, as generate makes, cannot be written outside inference mode)
         key = (batch_size, max_len, dtype, torch.is_inference_mode_enabled())
         if key != self.key:

@@ -101,8 +101,7 @@ def sample(args) -> list[Path]:
 
 def write_wav(path: Path, audio: np.ndarray) -> None:
     """16-bit WAV, made in memory and written with atomic_write: a full disk or a Ctrl-C leaves no half WAV behind
-    (nor a broken old one). In memory first because soundfile writing to a file itself reports a full disk from
-    inside its C callbacks, with tracebacks of its own, instead of one OSError."""
+    (soundfile writing a file itself reports a full disk from its C callbacks, not as one OSError)."""
     buffer = io.BytesIO()
     sf.write(buffer, audio.astype(np.float32), SAMPLE_RATE, subtype="PCM_16", format="WAV")
     atomic_write(path, lambda f: f.write(buffer.getvalue()))
