@@ -41,8 +41,7 @@ import prepare
 from files import atomic_write
 from guards import NonFiniteSteps
 from cli import native_bf16
-from model import GPT, GPTConfig
-from sample import CompiledDecoder
+from model import GPT, CompiledDecoder, GPTConfig
 
 REAL_GUITAR = Path(__file__).resolve().parent.parent / "shared" / "data" / "real-guitar"
 REFERENCE = dict(num_tokens=1024, max_seq_len=250, dim=256, depth=6, heads=4)
