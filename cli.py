@@ -16,7 +16,7 @@ from data import DataError
 from files import WriteError
 from guards import Diverged, Stopped
 from model import ATTENTION_KINDS
-from tokenizer import MIDI_VALUES
+from tokenizer import MIDI_VALUES, NSYNTH_SOURCES
 
 
 def positive(kind):
@@ -76,6 +76,17 @@ def midi_numbers(what: str, example: str, example_range: str):
 
 pitches = midi_numbers("pitch", "60,64,67", "48-72")
 velocities = midi_numbers("velocity", "25,75,127", "25-127")
+
+
+def sources(text: str) -> list[str]:
+    """An argparse type for --source: 'acoustic' or a list 'acoustic,electronic', each an NSynth instrument source,
+    in the order given, each once."""
+    names = list(dict.fromkeys(part.strip() for part in text.split(",")))
+    bad = [name for name in names if name not in NSYNTH_SOURCES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"expected {', '.join(NSYNTH_SOURCES)} or a list of them like "
+                                         f"acoustic,electronic, got {text!r}")
+    return names
 
 
 def native_bf16(device_type: str) -> bool:

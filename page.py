@@ -68,7 +68,8 @@ def asked_cell(note: NoteResult, settings: dict[str, str]) -> str:
     pitch = "unknown" if note.midi is None else f"{note.midi} ({note_name(note.midi)}, {midi_to_hz(note.midi):.1f} Hz)"
     velocity = "unknown" if note.velocity is None else note.velocity
     rest = " · ".join(f"{label} {settings[label]}" for label in ("cfg", "temperature", "seed"))
-    return (f"pitch {esc(pitch)}<br>velocity {esc(velocity)}<br>source {esc(settings['source'])}<br>"
+    source = note.source or settings["source"]
+    return (f"pitch {esc(pitch)}<br>velocity {esc(velocity)}<br>source {esc(source)}<br>"
             f"<small>{esc(rest)}</small>")
 
 

@@ -155,6 +155,7 @@ class NoteResult:
     path: Path
     midi: int | None            # the requested pitch (None: not asked)
     velocity: int | None = None  # the requested MIDI velocity (None: not asked or not known)
+    source: str | None = None   # the requested instrument source (None: not asked)
     f0: float = math.nan        # the measured pitch in Hz (NaN: none found)
     cents: float = math.nan
     peak_db: float = math.nan   # levels_db: the peak and the attack's RMS, dBFS
@@ -247,12 +248,12 @@ def levels_kept(originals: np.ndarray, reconstructions: np.ndarray, sr: int = 24
 
 
 def measure(path: str | Path, midi: int, png_dir: str | Path | None = None, pictures: bool = True,
-            velocity: int | None = None) -> NoteResult:
+            velocity: int | None = None, source: str | None = None) -> NoteResult:
     """Measure one file's pitch against its requested MIDI pitch, and its loudness, and, if pictures, write its
     spectrogram PNG (into png_dir, or beside the file when png_dir is None). An unreadable file is a result with
     a problem."""
     path = Path(path)
-    result = NoteResult(path, int(midi), velocity)
+    result = NoteResult(path, int(midi), velocity, source=source)
     try:
         audio, sr = read_mono(path)
     except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as e:
@@ -272,16 +273,16 @@ def measure(path: str | Path, midi: int, png_dir: str | Path | None = None, pict
 
 
 def pitch_report(notes_asked, out_dir: str | Path | None = None, pictures: bool = True) -> PitchSummary:
-    """For each (audio file, requested MIDI pitch) or (audio file, requested MIDI pitch, requested velocity or
-    None): print file, requested pitch, estimated f0, the error in cents, the velocity and the measured peak and
+    """For each (audio file, requested MIDI pitch[, requested velocity or None[, requested source or None]]): print
+    file, requested pitch, estimated f0, the error in cents, the velocity and the measured peak and
     attack levels, and write a spectrogram PNG (beside the file, or into out_dir if given). Ends by printing
     "pitch accuracy: N of M within 50 cents" (unreadable or pitchless files count as misses) and, when more than
     one velocity was asked, "loudness vs velocity: rank correlation R over N notes"."""
     notes = []
     print(f"{'file':<48} {'requested':>16} {'estimated f0':>13} {'error':>12} {'velocity':>9} {'peak':>9} "
           f"{'attack':>9}")
-    for path, midi, *velocity in notes_asked:
-        note = measure(path, midi, out_dir, pictures, velocity[0] if velocity else None)
+    for path, midi, *asked in notes_asked:   # asked: [velocity[, source]]
+        note = measure(path, midi, out_dir, pictures, *asked)
         notes.append(note)
         asked = f"{note_name(note.midi)} {midi_to_hz(note.midi):.1f} Hz"
         if note.problem:

@@ -6,6 +6,7 @@ Sample new notes from a trained codecgpt model and write them as WAV files.
     python sample.py --pitch 60 --velocity 100 --source acoustic        # ask for a middle C (guided, --cfg 3)
     python sample.py --pitch 48-72 --report           # one note per pitch, named after it, and a pitch report
     python sample.py --pitch 60 --velocity 25,75,127 --report   # does loudness follow velocity?
+    python sample.py --pitch 40-88 --velocity 25,127 --source acoustic,electronic --report   # 196 notes, measured
     python sample.py --prompt note.wav --prompt-seconds 0.5             # continue a recording
     python sample.py --xt-checkpoint model_gen_autoreg_transformer.pth   # the reference notebook's model
 
@@ -29,7 +30,7 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
 from cli import (add_shared_flags, non_negative, pick_attention, pick_device, pitches, positive, probability,
-                 run_or_exit, velocities)
+                 run_or_exit, sources, velocities)
 from data import FRAME_RATE, HOP, SAMPLE_RATE, Codec, DataError, codec_from_checkpoint, read_audio
 from files import atomic_write
 from guards import Stopped
@@ -49,7 +50,6 @@ def sample(args) -> list[Path]:
     decoder = CompiledDecoder(model, mode="reduce-overhead" if device == "cuda" else None) if args.compile else None
     frames = check_request(args, model, tokenizer)
     prompt_codes = encode_prompt(args, codec, frames) if args.prompt else None
-    source = None if args.source is None else NSYNTH_SOURCES.index(args.source)
     conditioned = args.pitch is not None or args.velocity is not None or args.source is not None
     guided = conditioned and args.cfg != 1.0       # guidance runs every note twice: with and without conditions
 
@@ -65,8 +65,10 @@ def sample(args) -> list[Path]:
         with tqdm(total=len(jobs), desc="sampling", unit="note", disable=None) as bar:
             for start in range(0, len(jobs), args.batch_size):
                 batch = jobs[start:start + args.batch_size]
-                pitch = None if args.pitch is None else torch.tensor([midi for _, midi, _ in batch])
-                velocity = None if args.velocity is None else torch.tensor([velocity for _, _, velocity in batch])
+                pitch = None if args.pitch is None else torch.tensor([midi for _, midi, _, _ in batch])
+                velocity = None if args.velocity is None else torch.tensor([velocity for _, _, velocity, _ in batch])
+                source = (None if args.source is None
+                          else torch.tensor([NSYNTH_SOURCES.index(name) for *_, name in batch]))
                 prompt = tokenizer.prompt(len(batch), pitch, velocity, source, codes=prompt_codes, device=device)
                 with speed.generating(len(batch) * (length - prompt.shape[-1]) * tokenizer.streams):
                     tokens = model.generate(prompt, length - prompt.shape[-1], temperature=args.temperature,
@@ -74,9 +76,9 @@ def sample(args) -> list[Path]:
                                             generator=generator, allowed=allowed, cfg_scale=args.cfg, decoder=decoder,
                                             uncond_prompt=tokenizer.unconditional(prompt) if guided else None)
                 audio = codec.decode(tokenizer.decode(tokens)).clamp(-1, 1).cpu().numpy()
-                for (name, midi, velocity), wav in zip(batch, audio):
+                for (name, midi, velocity, source_name), wav in zip(batch, audio):
                     write_wav(out_dir / name, wav)
-                    written.append((out_dir / name, midi, velocity))
+                    written.append((out_dir / name, midi, velocity, source_name))
                 bar.update(len(batch))
     except KeyboardInterrupt:  # Ctrl-C: keep the notes finished so far, and write their page below
         interrupted = True
@@ -89,12 +91,13 @@ def sample(args) -> list[Path]:
     print(f"wrote {len(written)} notes of {frames / FRAME_RATE:.3f} s{what} to {out_dir}/; "
           + speed.line(len(written), new_frames, frames, guided))
     summary = pitch_report(written) if args.report else None
-    notes = summary.notes if summary else [NoteResult(path, midi, velocity) for path, midi, velocity in written]
+    notes = summary.notes if summary else [NoteResult(path, midi, velocity, source=source_name)
+                                            for path, midi, velocity, source_name in written]
     print(f"listen: {write_samples_page(out_dir, asked_settings(args), notes, summary)}")
     if interrupted:
         print(f"interrupted: kept the {len(written)} of {len(jobs)} notes finished")
         raise Stopped(130)  # 128 + SIGINT, as a shell reports a Ctrl-C
-    return [path for path, _, _ in written]
+    return [path for path, *_ in written]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -176,26 +179,30 @@ def encode_prompt(args, codec: Codec, max_frames: int) -> torch.Tensor:
     return codec.encode(audio).cpu()
 
 
-def planned_notes(args) -> list[tuple[str, int | None, int | None]]:
-    """One (file name, pitch or None, velocity or None) per note: --num-samples of every pitch at every velocity,
-    named after what was asked (sample_pitch60_vel25_0.wav), so that a folder of notes says what each one is."""
+def planned_notes(args) -> list[tuple[str, int | None, int | None, str | None]]:
+    """One (file name, pitch, velocity, source; each None when not asked) per note: --num-samples of every pitch at
+    every velocity of every source, named after what was asked (sample_pitch60_vel25_acoustic_0.wav), so that a
+    folder of notes says what each one is."""
     per_pitch = args.num_samples or (1 if args.pitch else 4)
     stem = f"continue_{Path(args.prompt).stem}" if args.prompt else "sample"
-    several_velocities = len(args.velocity or []) > 1
+    several_velocities, several_sources = len(args.velocity or []) > 1, len(args.source or []) > 1
     jobs = []
     for midi in args.pitch or [None]:
         for velocity in args.velocity or [None]:
-            for i in range(per_pitch):
-                name = (stem + ("" if midi is None else f"_pitch{midi}")
-                        + (f"_vel{velocity}" if several_velocities else ""))
-                jobs.append((f"{name}_{i}.wav" if per_pitch > 1 or midi is None else f"{name}.wav", midi, velocity))
+            for source in args.source or [None]:
+                for i in range(per_pitch):
+                    name = (stem + ("" if midi is None else f"_pitch{midi}")
+                            + (f"_vel{velocity}" if several_velocities else "")
+                            + (f"_{source}" if several_sources else ""))
+                    jobs.append((f"{name}_{i}.wav" if per_pitch > 1 or midi is None else f"{name}.wav", midi,
+                                 velocity, source))
     return jobs
 
 
 def asked_settings(args) -> dict[str, str]:
     """What was asked that is the same for every note, as label -> value, for the samples page."""
     optional = lambda v: "off" if v is None else str(v)
-    settings = {"source": args.source or "unknown", "cfg": f"{args.cfg:g}", "temperature": f"{args.temperature:g}",
+    settings = {"source": ",".join(args.source or ["unknown"]), "cfg": f"{args.cfg:g}", "temperature": f"{args.temperature:g}",
                 "top-k": optional(args.top_k), "top-p": optional(args.top_p), "seed": str(args.seed),
                 "checkpoint": args.xt_checkpoint or args.ckpt}
     if args.prompt:
@@ -259,7 +266,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="MIDI velocity 0..127 (NSynth has 25, 50, 75, 100, 127), a list (25,75,127) or a range: "
                         "--num-samples notes per pitch and velocity; with several, files are named after it too "
                         "(default: unknown)")
-    c.add_argument("--source", choices=NSYNTH_SOURCES, default=None, help="instrument source (default: unknown)")
+    c.add_argument("--source", type=sources, default=None,
+                   help=f"instrument source ({', '.join(NSYNTH_SOURCES)}) or a list (acoustic,electronic): "
+                        "--num-samples notes per pitch, velocity and source (default: unknown)")
     c.add_argument("--cfg", type=non_negative(float), default=3.0,
                    help="classifier-free guidance: logits = uncond + CFG * (cond - uncond); 1 = plain conditional "
                         "sampling, 0 = ignore the conditions, above 1 = follow them more (default: 3.0)")

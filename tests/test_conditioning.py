@@ -12,7 +12,7 @@ import torch
 import data
 import sample
 from conftest import run
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
 from model import GPT, GPTConfig, classifier_free_guidance
 from tokenizer import NSYNTH_SOURCES, CodecTokenizer
 
@@ -167,6 +167,28 @@ def test_sample_asks_for_pitches_and_reports(trained, tmp_path):
         assert sr == 24000 and len(audio) == 30 * 320
         assert (tmp_path / f"sample_pitch{midi}.png").stat().st_size > 1000
     assert re.search(r"pitch accuracy: \d of 2 within 50 cents", result.stdout), result.stdout
+
+
+@pytest.mark.slow
+def test_sample_asks_for_each_source_of_a_list(trained, tmp_path, monkeypatch):
+    """--source acoustic,electronic makes every pitch and velocity once per source, named after it, and each note's
+    prompt holds its own source token."""
+    work, out, _ = trained
+    prompts = []
+    generate = GPT.generate
+    monkeypatch.setattr(GPT, "generate", lambda self, prompt, *a, **k: prompts.append(prompt) or
+                        generate(self, prompt, *a, **k))
+    monkeypatch.chdir(work)
+    sample.main(["--ckpt", str(out / "best.pt"), "--pitch", "50", "--velocity", "25,127", "--source",
+                 "acoustic,electronic", "--out-dir", str(tmp_path), "--device", "cpu"])
+    names = sorted(p.name for p in tmp_path.glob("*.wav"))
+    assert names == sorted(f"sample_pitch50_vel{v}_{s}.wav" for v in (25, 127) for s in ("acoustic", "electronic"))
+    tok = tokenizer_from_checkpoint(torch.load(out / "best.pt", weights_only=True))
+    sources = torch.cat(prompts)[:, 3]   # BOS, pitch, velocity, source
+    expected = tok.condition_tokens(None, None, torch.tensor([0, 1, 0, 1]), 4)[:, 2]
+    assert torch.equal(sources, expected)
+    page = (tmp_path / "index.html").read_text()
+    assert page.count("source acoustic<br>") == 2 and page.count("source electronic<br>") == 2
 
 
 @pytest.mark.slow
