@@ -11,6 +11,8 @@ torch to write a picture).
 - WriteError: what both writers raise when the disk is full or any other write fails, after putting things back:
   the file keeps its previous complete version and no temporary file is left. One line naming the file and the
   free space left, which the programs print as their error.
+- DataError: a problem with the user's files or settings, which the programs print as one line naming the file or
+  flag (cli.run_or_exit).
 """
 from __future__ import annotations
 
@@ -19,6 +21,10 @@ import os
 import shutil
 from pathlib import Path
 from typing import IO, Callable
+
+
+class DataError(Exception):
+    """A problem with the user's data or settings, reported as one line naming the file or flag (no traceback)."""
 
 
 class WriteError(OSError):

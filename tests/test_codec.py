@@ -12,8 +12,9 @@ import checkpoint
 import codec as C
 import data
 import train_codec
+from codec_kinds import load_codec
 from conftest import read_log
-from guards import Diverged, Stopped
+from long_run import Diverged, Stopped
 
 TINY_CODEC = ["--data", "synthetic", "--synthetic-notes", "20", "--seconds", "0.4", "--crop-frames", "16",
               "--crop-slack", "4", "--batch-size", "4", "--width", "32", "--eval-interval", "2",
@@ -59,7 +60,7 @@ def test_resume_is_exact(codec_run, tmp_path):
 
 
 def test_sigterm_between_evaluations_saves_that_step_and_resumes_exactly(codec_run, tmp_path, monkeypatch):
-    """The codec trainer stops on SIGTERM as train.py does (guards.py): the step in progress finishes, ckpt.pt is
+    """The codec trainer stops on SIGTERM as train.py does (long_run.py): the step in progress finishes, ckpt.pt is
     written at it (between evaluations) and the exit status is 143; --resume then ends where an uninterrupted run
     ends, bit for bit (the codec_run fixture: 4 steps in one go)."""
     reference, data_dir = codec_run
@@ -162,7 +163,7 @@ def test_codec_load_round_trip(codec_run):
     assert decoded.shape == (2, 30 * data.HOP)
     ident = codec.identity()
     json.dumps({k: v for k, v in ident.items() if k not in ("codebooks", "weights")})  # cache keys: plain values
-    again = data.Codec.from_identity(ident)
+    again = load_codec(ident)
     assert torch.equal(again.encode(audio), codes)
     assert torch.equal(again.decode(codes), decoded)
 

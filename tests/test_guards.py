@@ -1,4 +1,4 @@
-"""The faults a long run meets (guards.py, files.py): a diverging run, a signal asking it to stop, a full disk."""
+"""The faults a long run meets (long_run.py, files.py): a diverging run, a signal asking it to stop, a full disk."""
 import errno
 import json
 import math
@@ -15,7 +15,7 @@ import torch
 
 import data
 import files
-import guards
+import long_run
 import sample
 import train
 from conftest import FAST, ROOT, read_log, run, without_times
@@ -39,7 +39,7 @@ def test_non_finite_step_changes_no_weight_and_is_counted():
     """A step with a NaN loss leaves the weights, AdamW's moments and its step count exactly as they were (fused
     AdamW skips it on the device, CPU included), is counted, and the next finite step updates again."""
     net, opt = tiny_optimizer()
-    guard = guards.NonFiniteSteps(opt, "cpu", advice="try less")
+    guard = long_run.NonFiniteSteps(opt, "cpu", advice="try less")
     x = torch.randn(8, 4)
     for scale in (1.0, math.nan, math.inf, 1.0):
         before = {k: v.clone() for k, v in net.state_dict().items()}
@@ -62,21 +62,21 @@ def test_max_in_a_row_non_finite_steps_raise_one_line():
     """MAX_IN_A_ROW skipped steps in a row raise Diverged naming the steps, the checkpoint to go back to and what to
     try; fewer in a row, with a finite step between them, do not."""
     net, opt = tiny_optimizer()
-    guard = guards.NonFiniteSteps(opt, "cpu", advice="try a lower --lr")
+    guard = long_run.NonFiniteSteps(opt, "cpu", advice="try a lower --lr")
     nan, one = torch.tensor(math.nan), torch.tensor(1.0)
     for step in range(10, 14):
         guard.check(nan, one, step)
     guard.check(one, one, 14)
     guard.raise_if_diverged("-")
-    for step in range(15, 15 + guards.MAX_IN_A_ROW + 2):
+    for step in range(15, 15 + long_run.MAX_IN_A_ROW + 2):
         guard.check(one, nan, step)
-    with pytest.raises(guards.Diverged) as e:
+    with pytest.raises(long_run.Diverged) as e:
         guard.raise_if_diverged("the last checkpoint with finite weights is out/ckpt.pt (iteration 10)")
     assert str(e.value) == ("diverged: steps 15-19 all had a non-finite loss or gradient norm and were skipped (5 in "
                             "a row); the last checkpoint with finite weights is out/ckpt.pt (iteration 10); try a "
                             "lower --lr")
     with pytest.raises(ValueError, match="fused=True"):
-        guards.NonFiniteSteps(torch.optim.AdamW(net.parameters()), "cpu", advice="")
+        long_run.NonFiniteSteps(torch.optim.AdamW(net.parameters()), "cpu", advice="")
 
 
 def test_diverging_run_stops_with_one_line_and_keeps_finite_checkpoints(tmp_path, fast_data_dir, capsys):
@@ -145,7 +145,7 @@ def test_stop_signals_ask_to_stop_and_a_second_ctrl_c_exits_at_once():
     """Inside StopSignals, SIGTERM (or SIGUSR1, or SIGINT) only sets stop_requested, with the conventional exit
     status; a second SIGINT raises KeyboardInterrupt; the previous handlers are back afterwards."""
     before = signal.getsignal(signal.SIGTERM)
-    with guards.StopSignals() as stop:
+    with long_run.StopSignals() as stop:
         assert not stop.stop_requested
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.01)
@@ -154,14 +154,14 @@ def test_stop_signals_ask_to_stop_and_a_second_ctrl_c_exits_at_once():
         time.sleep(0.01)
         assert stop.exit_status == 143
     assert signal.getsignal(signal.SIGTERM) is before
-    with guards.StopSignals() as stop:
+    with long_run.StopSignals() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.01)
         assert stop.exit_status == 130
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.01)
-    assert guards.agree(True, "cpu") and not guards.agree(False, "cpu")  # one process: its own flag
+    assert long_run.agree(True, "cpu") and not long_run.agree(False, "cpu")  # one process: its own flag
 
 
 def train_until(args, cwd, seen: str, send: int, stdout_path):
