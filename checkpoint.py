@@ -84,17 +84,14 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
 
 
 def upgraded(ckpt: dict) -> dict:
-    """A checkpoint written by an older version of the trainers, brought to today's form for --resume: train.py's
-    from before codebook patterns (no --pattern: it was flatten), optimizers saved before the non-finite step guard
-    (fused=False, which would turn the guard's skipping off), and train_codec.py's first stop checkpoints (which
-    named the training loss sum loss_sum). Checkpoints without a digest are older too: load_checkpoint takes them."""
-    if "tokenizer" in ckpt and isinstance(ckpt.get("args"), dict):
+    """A checkpoint of an older version in today's form, for --resume (docs/training.md says which versions)."""
+    if "tokenizer" in ckpt and isinstance(ckpt.get("args"), dict):  # train.py's, from before --pattern
         ckpt["args"].setdefault("pattern", "flatten")
-    optimizer = ckpt.get("optimizer")
+    optimizer = ckpt.get("optimizer")  # saved before the non-finite step guard, which needs a fused step
     for group in optimizer.get("param_groups", []) if isinstance(optimizer, dict) else []:
         if isinstance(group, dict):
             group.update(fused=True, foreach=None)
-    interval = ckpt.get("interval")
+    interval = ckpt.get("interval")  # train_codec.py's first stop checkpoints
     if isinstance(interval, dict) and "loss_sum" in interval:
         interval["train_loss_sum"] = interval.pop("loss_sum")
     return ckpt

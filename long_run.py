@@ -8,8 +8,8 @@ What a long training run needs around its learning loop, shared by train.py and 
     with run:                                     # SIGTERM, SIGINT, SIGUSR1: finish the step, save it, exit 128 + N
         for it in range(run.start_iter, max_iters + 1):
             if run.should_evaluate(it):
-                metrics = run.evaluate(it, measure)   # with the training loss since the last one, into log.jsonl
-                run.save(it, checkpoint)              # ckpt.pt, with all that --resume needs
+                metrics = run.evaluate(it, measure)   # logged, with the training loss since the last one
+                run.save(it, checkpoint)              # ckpt.pt: all that --resume needs
             if it == max_iters:
                 break
             ...batch, forward, loss, backward...
@@ -18,19 +18,11 @@ What a long training run needs around its learning loop, shared by train.py and 
             if run.step_done(it, loss):               # a signal came: save this step and stop
                 run.stop(it + 1, checkpoint)
 
-- Processes: under torchrun every rank runs the loop on its share of each batch; rank 0 alone logs and writes files.
-- Exact resume: a checkpoint holds every random stream (the batch generator every rank shares, each rank's own torch
-  and CUDA state), the optimizer, and, when written between evaluations, the sums its next log line needs: --resume
-  goes on as if the run had never stopped.
-- Stop signals: SIGTERM (a cluster pre-empting the job), SIGUSR1 (SLURM's --signal) and SIGINT (Ctrl-C) finish the
-  step, save it and exit with 128 + the signal's number, as a shell reports a process the signal killed. A second
-  Ctrl-C exits at once.
-- Non-finite steps: a step whose loss or gradient norm is NaN or infinite is skipped on the device, as
-  torch.amp.GradScaler skips steps with inf gradients, so that deciding costs no wait for the GPU. MAX_IN_A_ROW of
-  them in a row, a non-finite validation loss or non-finite weights stop the run with one line (Diverged) that names
-  the last checkpoint with finite weights: no checkpoint is written with others.
-- The log: one line per evaluation in log.jsonl, its curves in curves.png, a progress bar, and after the first steps
-  an estimate of the time the run will take.
+Under torchrun every rank runs the loop on its share of each batch, and rank 0 alone logs and writes files. A checkpoint
+holds every random stream, so that --resume goes on as if the run had never stopped. A step whose loss or gradient
+norm is NaN or infinite is skipped on the device, as torch.amp.GradScaler skips inf gradients; MAX_IN_A_ROW of them in
+a row, a non-finite validation loss or non-finite weights stop the run with one line (Diverged), and no checkpoint
+ever holds such weights.
 """
 from __future__ import annotations
 
@@ -54,11 +46,8 @@ from checkpoint import CheckpointError, load_checkpoint, save_checkpoint, upgrad
 from figures import CurvesWriter
 from files import DataError, append_log, rewrite_log
 
-# Non-finite steps in a row that stop the run: one is a bad batch (skipping it is the cure), five are the weights or
-# the learning rate
-MAX_IN_A_ROW = 5
-# On GPUs the host reads the progress, and the ranks compare stop flags, every 10 steps: a read waits for the GPU
-READ_EVERY = 10
+MAX_IN_A_ROW = 5   # non-finite steps in a row that stop the run: one is a bad batch, five are the weights or the lr
+READ_EVERY = 10    # steps between the host's reads of the progress (on a GPU a read waits for it)
 
 
 class Diverged(Exception):
@@ -74,7 +63,7 @@ class Stopped(Exception):
 
 
 class LongRun:
-    """One training run: its processes, checkpoints, log, progress and stop requests (the calls: this file's top)."""
+    """One training run's processes, checkpoints, log, progress and stop requests (used as this file's top shows)."""
 
     def __init__(self, out_dir: str | Path, max_iters: int, eval_interval: int, device: str,
                  resumed: dict | None = None, advice: str = "", desc: str = "training", draw=None):
@@ -95,8 +84,8 @@ class LongRun:
         return f"DDP over {dist.get_backend()}: {self.world} process{'es' if self.world > 1 else ''}"
 
     def on_rank_zero_first(self, work: Callable[[], object]):
-        """work() on rank 0 while the other ranks wait (downloads, fitting a codec, filling the token cache: they then
-        find it all on disk), its DataError raised on every rank. Returns what work() returns, None on other ranks."""
+        """work() on rank 0 while the others wait (to find its downloads and caches on disk), its DataError raised on
+        every rank. Returns what work() returns on rank 0, None on the others."""
         if self.world == 1:
             return work()
         error, result = [None], None
@@ -120,10 +109,9 @@ class LongRun:
 
     def start(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: torch.Generator,
               config: dict | None = None, also: dict | None = None) -> None:
-        """Take charge of the model (saved, never with weights that are not finite), its optimizer (fused: non-finite
-        steps are skipped), the batch generator (saved for exact resume) and `also`: more objects whose state_dict is
-        saved under its name. On --resume, put their states back, and the random streams and the log, after checking
-        that the checkpoint's config is `config`, the model this run builds."""
+        """The model, its fused optimizer, the batch generator and `also` (more objects saved under their names) to
+        save and guard. On --resume: their states, the random streams and the log put back, once the checkpoint's
+        config is found to be `config`, this run's."""
         self.model, self.optimizer, self.batches, self.also = model, optimizer, batches, also or {}
         self.guard = NonFiniteSteps(optimizer, self.device, self.advice)
         self.loss_sum = torch.zeros((), device=self.device)   # the training loss since the last evaluation, summed on
@@ -138,7 +126,7 @@ class LongRun:
         self.t0, self.timed = time.time(), None
 
     def restore(self, ckpt: dict, config: dict) -> None:
-        """Everything as the checkpoint saved it; a checkpoint that does not fit is a CheckpointError naming it."""
+        """Everything as the checkpoint saved it, or a CheckpointError naming it."""
         path = self.out_dir / "ckpt.pt"
         saved = ckpt["config"] if isinstance(ckpt.get("config"), dict) else {}
         differ = [f"{k} {v} != {config[k]}" for k, v in saved.items() if k in config and config[k] != v]
@@ -168,10 +156,9 @@ class LongRun:
             print(f"resuming from {path} at iteration {self.start_iter}")
 
     def wrap(self, model: torch.nn.Module, compile: bool = False, broadcast_buffers: bool = True) -> torch.nn.Module:
-        """torch.compile (compile), then DistributedDataParallel under torchrun, in that order (as nanoGPT does). DDP
-        gives every rank rank 0's weights, then averages the gradients over the ranks inside backward() (and with
-        broadcast_buffers, gives them rank 0's buffers at every forward). The model saved stays the unwrapped one, so
-        that its keys never carry "_orig_mod." or "module."."""
+        """torch.compile, then DistributedDataParallel under torchrun (as nanoGPT). DDP gives every rank rank 0's
+        weights (and buffers, at every forward, with broadcast_buffers) and averages the gradients inside backward().
+        The unwrapped model is the one saved: no "_orig_mod." or "module." in its keys."""
         if compile:
             model = torch.compile(model)
         if dist.is_initialized():  # under torchrun, one process too (setup_distributed)
@@ -181,7 +168,7 @@ class LongRun:
 
     def __enter__(self) -> LongRun:
         self.signals.__enter__()
-        self.clock = time.time()    # train_s: the time spent in steps, evaluations left out
+        self.clock = time.time()    # for train_s: the time spent in steps
         return self
 
     def __exit__(self, *exc) -> None:
@@ -197,9 +184,9 @@ class LongRun:
         return due and not (self.last_metrics is not None and self.last_metrics["iter"] == it)
 
     def evaluate(self, it: int, measure: Callable[[], dict], **more) -> dict | None:
-        """The evaluation at step it, which every rank calls: the mean training loss since the last one, the steps
-        skipped, what measure() returns (run on rank 0; it holds "val_loss"), `more` and the time, checked finite and
-        appended to log.jsonl. Returns the metrics on rank 0, None elsewhere."""
+        """The evaluation at step it (every rank calls it): the training loss since the last one, the steps skipped,
+        what measure() returns on rank 0 ("val_loss"...) and `more`, checked finite and logged. Returns them on rank 0,
+        None elsewhere."""
         counted = int(self.steps.item())
         train_loss = global_mean(self.loss_sum / counted, self.world) if counted else None
         skipped = self.guard.take_skipped()
@@ -219,8 +206,7 @@ class LongRun:
         return metrics
 
     def save(self, it: int, ckpt: dict) -> None:
-        """ckpt.pt after the evaluation at step it: ckpt, with the optimizer and the random streams added. Then the
-        curves are redrawn and the sums start again."""
+        """ckpt.pt after the evaluation at step it: ckpt with the optimizer and random streams. The sums start again."""
         if self.master:
             save_checkpoint(self.resumable(ckpt, self.rng), self.out_dir / "ckpt.pt")
             self.curves.update(final=it == self.max_iters)  # after the checkpoint: it matters more
@@ -234,15 +220,13 @@ class LongRun:
                 **{name: thing.state_dict() for name, thing in self.also.items()}}
 
     def skip_if_not_finite(self, loss: Tensor, grad_norm: Tensor, it: int) -> None:
-        """Before optimizer.step(): make the fused optimizer skip this step if its loss or gradient norm is not
-        finite (decided on the device: no wait for the GPU)."""
+        """Before optimizer.step(): the fused optimizer is to skip this step if loss or grad_norm is NaN or infinite."""
         self.counts = self.guard.check(loss, grad_norm, it)
 
     def step_done(self, it: int, loss: Tensor) -> bool:
-        """After optimizer.step(): the step's loss counts towards the next evaluation's training loss (unless the
-        step was skipped) and the progress bar moves. Every READ_EVERY steps the host reads the numbers: the loss
-        shown, the skipped steps checked, once the time left estimated. True when every rank is to stop after this
-        step (a signal came)."""
+        """After optimizer.step(): the step's loss counts towards the next evaluation (unless the step was skipped),
+        the progress bar moves, every READ_EVERY steps the skipped steps are checked and, once, the time left is
+        estimated. True when every rank is to stop here (a signal came)."""
         self.loss_sum += torch.where(self.counts > 0, loss.detach(), 0.0)   # (NaN x 0 would still be NaN)
         self.steps += self.counts
         now = time.time()
@@ -261,9 +245,9 @@ class LongRun:
         return self.signals.agreed(it, self.device)
 
     def stop(self, it: int, ckpt: dict):
-        """ckpt.pt at step it, between evaluations, as resumable as theirs: ckpt, the optimizer, every rank's random
-        streams and the sums the next evaluation's log line needs. Its metrics stay those of the last evaluation, and
-        so does the log: no line is made up for a step that was not evaluated. Then Stopped, with the exit status."""
+        """ckpt.pt at step it, between evaluations, as resumable as theirs: ckpt with the optimizer, every rank's random
+        streams and the sums the next evaluation needs (its metrics and the log stay the last evaluation's). Then
+        Stopped, with the exit status."""
         self.bar.close()
         rng = random_states(self.world, self.device, self.batches)
         self.guard.check_weights(self.model.state_dict().values(), it, self.last_good())
@@ -285,7 +269,7 @@ class LongRun:
 
 
 def time_estimate(seconds_per_step: float, steps_left: int) -> str:
-    """How long the rest of the run will take at the speed of its first steps, so that nobody waits days unawares."""
+    """How long the rest of the run takes at the speed of its first steps: nobody should wait days unawares."""
     left = seconds_per_step * steps_left
     amount = f"{left / 3600:.1f} h" if left >= 3600 else f"{left / 60:.0f} min" if left >= 60 else f"{left:.0f} s"
     return (f"{seconds_per_step:.3g} s per step: about {amount} at this speed for the {steps_left} steps left "
@@ -296,8 +280,8 @@ def time_estimate(seconds_per_step: float, steps_left: int) -> str:
 # Exact resume
 
 def checkpoint_to_resume(args, run_flags: tuple[str, ...], needs: tuple[str, ...], program: str) -> dict | None:
-    """With --resume, OUT_DIR/ckpt.pt (checkpoint.upgraded), checked to hold what resuming needs; its run_flags (the
-    flags that define the data and the model) replace args'."""
+    """With --resume, OUT_DIR/ckpt.pt (checkpoint.upgraded), checked to hold what resuming needs; its run_flags (those
+    that define the data and the model) replace args'."""
     if not args.resume:
         return None
     path = Path(args.out_dir) / "ckpt.pt"
@@ -315,8 +299,8 @@ def checkpoint_to_resume(args, run_flags: tuple[str, ...], needs: tuple[str, ...
 
 
 def random_states(world: int, device: str, batches: torch.Generator) -> dict:
-    """Every random stream the run draws from: the batch generator (shared by all ranks) and each rank's own torch
-    (and CUDA) state, which drives dropout. Gathered from all ranks, so every rank must call this."""
+    """Every random stream: the batch generator (the same on all ranks) and each rank's torch (and CUDA) state, which
+    drives dropout. Every rank must call this."""
     rng = {"torch": torch.get_rng_state()}
     if device.startswith("cuda"):
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -328,8 +312,7 @@ def random_states(world: int, device: str, batches: torch.Generator) -> dict:
 
 
 def restore_random_states(rng: dict, rank: int, device: str, batches: torch.Generator) -> None:
-    """Put back what random_states saved: the batch generator, and this rank's torch (and CUDA) state; ranks beyond
-    those saved (resuming on more processes) keep their fresh seed."""
+    """Put back what random_states saved; ranks beyond those saved (resuming on more processes) keep their seed."""
     states = rng.get("ranks") or [rng]
     if rank < len(states):
         torch.set_rng_state(states[rank]["torch"])
@@ -342,10 +325,9 @@ def restore_random_states(rng: dict, rank: int, device: str, batches: torch.Gene
 # Several processes (torchrun)
 
 def setup_distributed(device: str) -> tuple[int, int, str]:
-    """(rank, world size, device) of this process. torchrun starts one process per GPU (or CPU worker) and tells each
-    who it is in RANK, LOCAL_RANK and WORLD_SIZE; without torchrun this is rank 0 of 1."""
-    # Under torchrun the process group is set up even for one process, so that --nproc_per_node=1 runs the same
-    # NCCL and DDP code as a larger job: that is how a machine with one GPU tests it.
+    """(rank, world size, device) of this process, which torchrun says in RANK, LOCAL_RANK and WORLD_SIZE; rank 0 of 1
+    without torchrun. Under torchrun the process group is set up for one process too: one GPU tests a larger job's
+    code."""
     if "RANK" not in os.environ:
         return 0, 1, device
     world, rank, local_rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
@@ -388,9 +370,9 @@ def agree(flag: bool, device: str) -> bool:
 # Stop signals
 
 class StopSignals:
-    """SIGTERM, SIGINT and SIGUSR1 turned into a request to stop after the current step, inside `with StopSignals()`.
-    Handlers can only be installed from the main thread; elsewhere (a test calling train() from a thread) the
-    signals keep their usual meaning and stop_requested stays False."""
+    """SIGTERM (a cluster pre-empting the job), SIGUSR1 (SLURM's --signal) and SIGINT (Ctrl-C) turned into a request to
+    stop after the step, inside `with StopSignals()`; a second Ctrl-C exits at once. Only the main thread can install
+    handlers: elsewhere the signals keep their usual meaning."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -425,14 +407,12 @@ class StopSignals:
 
     @property
     def exit_status(self) -> int:
-        """128 + the signal's number (143 for SIGTERM, 130 for SIGINT, 138 for SIGUSR1), so that a job script or
-        scheduler sees why the run ended."""
+        """128 + the signal's number, as a shell reports a process the signal killed."""
         return 128 + self.signum
 
     def agreed(self, step: int, device: str) -> bool:
-        """Whether every rank stops after this step (the same answer on all of them: the largest signal number of
-        any rank, which the others take for their message and exit status). The ranks compare flags every step on
-        CPUs, every READ_EVERY steps on GPUs; one process needs no comparison."""
+        """Whether every rank stops after this step: the ranks compare signal numbers (every READ_EVERY steps on GPUs)
+        and take the largest, for their message and exit status too."""
         if not (dist.is_initialized() and dist.get_world_size() > 1):
             return self.stop_requested
         if device.startswith("cuda") and (step + 1) % READ_EVERY:
@@ -448,14 +428,8 @@ class StopSignals:
 
 class NonFiniteSteps:
     """The non-finite step guard of a fused optimizer (AdamW or Adam), whose step reads optimizer.found_inf on the
-    device and leaves the weights, its moments and its step count alone when it is 1:
-
-        ok = guard.check(loss, grad_norm, step)   # on the device: 1 = the step counts, 0 = it is skipped
-        optimizer.step()
-        ...where the host waits anyway: guard.raise_if_diverged(last_good)
-
-    Under torchrun the ranks all-reduce the verdict (one scalar, queued on the GPU like DDP's gradients): each rank
-    has its own loss, and the ranks' weights must stay equal."""
+    device and changes nothing (weights, moments, step count) when it is 1. The ranks all-reduce the verdict: each has
+    its own loss, and their weights must stay equal."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, device: str, advice: str, limit: int = MAX_IN_A_ROW):
         if not all(group.get("fused") for group in optimizer.param_groups):
@@ -480,7 +454,7 @@ class NonFiniteSteps:
         return 1.0 - bad
 
     def take_skipped(self) -> int:
-        """The number of steps skipped since the last call (a host read: call it where the loop waits anyway)."""
+        """The steps skipped since the last call (a host read)."""
         n = int(self.skipped.item())
         self.skipped.zero_()
         return n
@@ -493,7 +467,7 @@ class NonFiniteSteps:
         self.skipped.fill_(state["skipped"])
 
     def raise_if_diverged(self, last_good: str) -> None:
-        """Diverged if `limit` steps in a row were skipped since the start. Reads one number from the device."""
+        """Diverged if `limit` steps in a row were skipped. A host read."""
         step = int(self.tripped_at.item())
         if step >= 0:
             raise Diverged(f"diverged: steps {step - self.limit + 1}-{step} all had a non-finite loss or gradient "
@@ -505,7 +479,7 @@ class NonFiniteSteps:
             raise Diverged(f"diverged: the {name} at step {step} is {value}; {last_good}; {self.advice}")
 
     def check_weights(self, tensors, step: int, last_good: str) -> None:
-        """Diverged if any weight is not finite: a checkpoint must never hold such weights. One read per call."""
+        """Diverged if any weight is not finite: no checkpoint may hold one."""
         if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
             raise Diverged(f"diverged: the weights at step {step} are not finite, not saved; {last_good}; "
                            f"{self.advice}")
