@@ -41,8 +41,7 @@ import prepare
 from files import atomic_write
 from long_run import NonFiniteSteps
 from cli import native_bf16
-from model import GPT, GPTConfig
-from sample import CompiledDecoder
+from model import GPT, CompiledDecoder, GPTConfig
 
 REAL_GUITAR = Path(__file__).resolve().parent.parent / "shared" / "data" / "real-guitar"
 REFERENCE = dict(num_tokens=1024, max_seq_len=250, dim=256, depth=6, heads=4)
@@ -415,7 +414,7 @@ def bench_codec(args) -> None:
     print(f"\n== codec: training step at batch {batch} x 32 frames, encode/decode of {frames}-frame notes")
     for size in ("small", "encodec"):
         torch.manual_seed(0)
-        model = C.CodecModel(C.CodecConfig(size=size, **({"w_l1": 0.1} if size == "encodec" else {})))
+        model = C.make_codec(C.CodecConfig(size=size, **({"w_l1": 0.1} if size == "encodec" else {})))
         model.to(args.device).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
         audio = (0.1 * torch.randn(batch, crop, generator=generator)).to(args.device)
@@ -432,7 +431,7 @@ def bench_codec(args) -> None:
     notes = (0.1 * torch.randn(args.notes, frames * data.HOP, generator=generator)).to(args.device)
     for size in ("small", "encodec"):
         torch.manual_seed(0)
-        model = C.CodecModel(C.CodecConfig(size=size)).to(args.device).eval()
+        model = C.make_codec(C.CodecConfig(size=size)).to(args.device).eval()
         model.set_target_bandwidth(1.5)
         with torch.inference_mode():
             r = timed(lambda: model.encode(notes), args.repeats, args.device)

@@ -16,6 +16,7 @@ from checkpoint import CheckpointError
 from files import DataError, WriteError
 from long_run import Diverged, Stopped
 from model import ATTENTION_KINDS
+from tokenizer import MIDI_VALUES
 
 
 def positive(kind):
@@ -52,6 +53,29 @@ def probability_or_zero(text: str) -> float:
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
     return value
+
+
+def midi_numbers(what: str, example: str, example_range: str):
+    """An argparse type for --pitch and --velocity: '60', '60,64,67' or '48-72' (inclusive) -> MIDI numbers, each in
+    0..127, in the order given; a number given twice is made once (--num-samples asks for several takes)."""
+    def parse(text: str) -> list[int]:
+        try:
+            values = []
+            for part in text.split(","):
+                low, _, high = part.strip().partition("-")
+                values += list(range(int(low), int(high) + 1)) if high else [int(low)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a MIDI {what}, a list like {example} or a range like "
+                                             f"{example_range}, got {text!r}") from None
+        bad = [v for v in values if not 0 <= v < MIDI_VALUES]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"MIDI {what} values are 0..127, got {text!r}")
+        return list(dict.fromkeys(values))
+    return parse
+
+
+pitches = midi_numbers("pitch", "60,64,67", "48-72")
+velocities = midi_numbers("velocity", "25,75,127", "25-127")
 
 
 def native_bf16(device_type: str) -> bool:

@@ -18,8 +18,8 @@ Sampling (generate) runs the prompt once and keeps every layer's keys and values
 costs one position instead of the whole sequence again.
 
 Reading order: GPTConfig, rotary, explicit_attention (the textbook formula), Attention, KVCache, MLP, Block,
-GPT.forward, GPT.generate, sample_next. The last section, "Faster paths", holds measured speed-ups of the same
-maths (attention="fast"), to skip on a first read.
+GPT.forward, GPT.generate and its steps. A first read can skip the last two sections: "Faster paths" (the same
+maths, faster) and the x-transformers mapping.
 """
 from __future__ import annotations
 
@@ -30,8 +30,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-
-ATTENTION_KINDS = ("explicit", "fast", "fused")
 
 
 @dataclass
@@ -103,13 +101,12 @@ class Attention(nn.Module):
         inner = cfg.heads * cfg.dim_head
         self.qkv = nn.Linear(cfg.dim, 3 * inner, bias=False)  # one matmul for q, k and v
         self.out = nn.Linear(inner, cfg.dim, bias=False)
-        self.dropout = Dropout(cfg.dropout)
-        self.kind = "explicit"  # or "fast" (fast_attention) or "fused" (F.scaled_dot_product_attention)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.attend = explicit_attention  # GPT.set_attention may swap in a faster function of the same maths
 
-    def forward(self, x: Tensor, rotations: Tensor, mask: Tensor | None, causal: bool,
-                pos: int | Tensor = 0, cache: KVCache | None = None) -> Tensor:
-        """x (B, T, dim) at positions pos.. -> (B, T, dim). mask: (T, keys) bool or None (attend to every key);
-        causal: the mask is the square lower triangle, which SDPA takes as is_causal=True to skip masked blocks."""
+    def forward(self, x: Tensor, rotations: Tensor, mask: Tensor | None, pos: int = 0,
+                cache: KVCache | None = None) -> Tensor:
+        """x (B, T, dim) at positions pos.. -> (B, T, dim); mask: (T, keys) bool, or None for every key."""
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.heads, self.dim_head)
         qk = apply_rotary(qkv[:, :, :2].flatten(2, 3), rotations)      # q and k rotated in one call
@@ -117,13 +114,7 @@ class Attention(nn.Module):
         v = qkv[:, :, 2].transpose(1, 2)
         if cache is not None:  # earlier positions' keys and values come from the cache, this call's go into it
             k, v = cache.update(pos, k, v)
-        if self.kind == "fused":
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
-                                               dropout_p=self.dropout.p if self.training else 0.0)
-        elif self.kind == "fast":
-            y = fast_attention(q, k, v, mask, self.dropout)
-        else:
-            y = explicit_attention(q, k, v, mask, self.dropout)
+        y = self.attend(q, k, v, mask, self.dropout)
         return self.out(y.transpose(1, 2).reshape(B, T, -1))          # heads side by side, then mixed
 
 
@@ -139,17 +130,9 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
-    def update(self, pos: int | Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, heads, T, dim_head) at positions pos.. and return the keys and values to attend to.
-
-        pos an int: returns the filled prefix [0, pos + T) (eager decoding: no work on empty slots).
-        pos a tensor of T positions: returns the whole buffer, so every call has the same shapes, as
-        torch.compile and CUDA graphs need; the attention mask hides the slots not written yet.
-        """
-        if isinstance(pos, Tensor):
-            self.k.index_copy_(2, pos, k)
-            self.v.index_copy_(2, pos, v)
-            return self.k, self.v
+    def update(self, pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, heads, T, dim_head) at positions pos.. and return the keys and values of positions
+        0 .. pos + T - 1: everything this call's queries may attend to."""
         end = pos + k.shape[2]
         self.k[:, :, pos:end] = k
         self.v[:, :, pos:end] = v
@@ -161,7 +144,7 @@ class MLP(nn.Module):
         super().__init__()
         self.up = nn.Linear(cfg.dim, 4 * cfg.dim)
         self.down = nn.Linear(4 * cfg.dim, cfg.dim)
-        self.dropout = Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down(self.dropout(F.gelu(self.up(x))))
@@ -175,9 +158,9 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.dim, bias=False)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, rotations: Tensor, mask: Tensor | None, causal: bool,
-                pos: int | Tensor = 0, cache: KVCache | None = None) -> Tensor:
-        x = x + self.attn(self.norm1(x), rotations, mask, causal, pos, cache)
+    def forward(self, x: Tensor, rotations: Tensor, mask: Tensor | None, pos: int = 0,
+                cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), rotations, mask, pos, cache)
         return x + self.mlp(self.norm2(x))
 
 
@@ -191,7 +174,7 @@ class GPT(nn.Module):
         # one embedding table and one output layer per stream, stacked: stream k's ids are rows k * vocab_size..
         self.embed = nn.Embedding(cfg.streams * cfg.vocab_size, cfg.dim)
         self.register_buffer("stream_offsets", torch.arange(cfg.streams)[:, None] * cfg.vocab_size, persistent=False)
-        self.dropout = Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, bias=False)
         self.head = nn.Linear(cfg.dim, cfg.streams * cfg.vocab_size, bias=False)  # not tied to the embedding
@@ -216,55 +199,38 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def set_attention(self, kind: str) -> None:
-        """'explicit' (the textbook formula, to read), 'fast' (the same maths in fewer passes and a cheaper
-        dropout mask on CPU: see "Faster paths") or 'fused' (F.scaled_dot_product_attention, flash on CUDA)."""
+        """'explicit' (explicit_attention, nn.Dropout), or the same maths from "Faster paths": 'fast' (fewer passes,
+        a cheaper dropout mask on CPU) or 'fused' (F.scaled_dot_product_attention, flash on CUDA)."""
         if kind not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_KINDS)}, got {kind!r}")
         for block in self.blocks:
-            block.attn.kind = kind
-        for module in self.modules():
-            if isinstance(module, Dropout):
-                module.cheap_mask = kind == "fast"
+            block.attn.attend = ATTENTIONS[kind]
+        swap_dropouts(self, kind)
 
-    def forward(self, idx: Tensor, pos: int | Tensor = 0, caches: list[KVCache] | None = None) -> Tensor:
-        """idx: (B, T) token ids at positions pos, pos + 1, ... -> logits (B, T, vocab_size); the logits at
-        position t score every candidate for the token at t + 1. Several streams: (B, streams, T) ->
-        (B, streams, T, vocab_size).
-
-        With caches (one KVCache per block), keys and values of earlier positions come from the cache and this
-        call's are written into it. pos is an int, or a 1-element tensor for static shapes (compiled decoding:
-        the same graph serves every position; the caller keeps pos + T <= max_seq_len).
-        """
+    def forward(self, idx: Tensor, pos: int = 0, caches: list[KVCache] | None = None) -> Tensor:
+        """idx (B, [streams,] T): token ids at positions pos.. -> logits (B, [streams,] T, vocab_size); the logits
+        at t score every candidate for the token at t + 1. caches (one KVCache per block) hold earlier positions."""
         T = idx.shape[-1]
-        if isinstance(pos, Tensor):
-            if caches is None:
-                raise ValueError("a tensor pos is for decoding with caches")
-            positions = pos + torch.arange(T, device=idx.device)
-            rotations = self.rotations[positions]
-            # every key slot of the cache, the ones after each query's position masked out
-            mask, causal = self.causal_mask[positions, :caches[0].k.shape[2]], False
-        else:
-            if pos + T > self.cfg.max_seq_len:
-                raise ValueError(f"positions up to {pos + T} exceed max_seq_len={self.cfg.max_seq_len}")
-            rotations = self.rotations[pos:pos + T]
-            # Queries sit at positions pos .. pos+T-1 and keys at 0 .. pos+T-1, so the mask is the slice of the
-            # full lower triangle whose last row is the last query (bottom-right aligned). SDPA's is_causal=True
-            # aligns it top-left, which is only right when there are as many queries as keys (pos == 0): with a
-            # cache and fewer queries than keys it would hide the cache (x-transformers issue 187).
-            # A single query may attend to every key so far: no mask at all.
-            mask = None if T == 1 else self.causal_mask[pos:pos + T, :pos + T]
-            causal = pos == 0 and T > 1
+        if pos + T > self.cfg.max_seq_len:
+            raise ValueError(f"positions up to {pos + T} exceed max_seq_len={self.cfg.max_seq_len}")
+        # Queries at positions pos.. and keys from 0: rows pos.. of the lower triangle. One query sees every key.
+        mask = self.causal_mask[pos:pos + T, :pos + T] if T > 1 else None
+        return self.layers(idx, self.rotations[pos:pos + T], mask, pos, caches)
+
+    def layers(self, idx: Tensor, rotations: Tensor, mask: Tensor | None, pos: int,
+               caches: list[KVCache] | None) -> Tensor:
+        """forward's body, given the rotations and the mask of idx's positions: embedding, blocks, norm, head."""
         # several streams (B, streams, T): each through its own table, then summed
         x = self.dropout(self.embed(idx + self.stream_offsets).sum(dim=1) if idx.dim() == 3 else self.embed(idx))
         for i, block in enumerate(self.blocks):
-            x = block(x, rotations, mask, causal, pos, None if caches is None else caches[i])
+            x = block(x, rotations, mask, pos, None if caches is None else caches[i])
         logits = self.head(self.norm(x))
         if idx.dim() == 3:
             logits = logits.view(*x.shape[:2], self.cfg.streams, self.cfg.vocab_size).transpose(1, 2)
         return logits
 
     # ------------------------------------------------------------------------------------------------
-    # Sampling
+    # Sampling, in gpt-fast's steps: prefill the prompt, then decode one token at a time
 
     def new_caches(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> list[KVCache]:
         """One empty KVCache per block, for max_len positions."""
@@ -272,15 +238,14 @@ class GPT(nn.Module):
         return [KVCache(batch_size, self.cfg.heads, max_len, self.cfg.dim_head, dtype or p.dtype, p.device)
                 for _ in range(self.cfg.depth)]
 
-    def prefill(self, prompt: Tensor, caches: list[KVCache]) -> Tensor:
-        """Run the whole prompt once, filling the caches; returns the logits of its last position (B, [streams,]
-        vocab)."""
+    def prefill(self, prompt: Tensor, caches: list[KVCache] | None) -> Tensor:
+        """Run the whole prompt once, filling the caches (None: no cache); returns the logits of its last position
+        (B, [streams,] vocab)."""
         return self(prompt, 0, caches)[..., -1, :]
 
-    def decode_one_token(self, token: Tensor, pos: int | Tensor, caches: list[KVCache]) -> Tensor:
+    def decode_one_token(self, token: Tensor, pos: int, caches: list[KVCache]) -> Tensor:
         """Run one step's token (B,) or tokens (B, streams) at position pos against the cache; returns its logits
-        (B, [streams,] vocab). pos a 1-element tensor gives the same shapes at every position (sample.py's
-        CompiledDecoder)."""
+        (B, [streams,] vocab)."""
         return self(token[..., None], pos, caches)[..., -1, :]
 
     @torch.inference_mode()
@@ -288,64 +253,77 @@ class GPT(nn.Module):
                  top_k: int | None = None, top_p: float | None = None, use_kv_cache: bool = True,
                  generator: torch.Generator | None = None, allowed: Tensor | None = None,
                  uncond_prompt: Tensor | None = None, cfg_scale: float = 1.0, decoder=None) -> Tensor:
-        """Sample max_new_tokens after prompt (B, T0), or (B, streams, T0); returns the prompt and the new tokens,
-        (B, [streams,] T0 + max_new_tokens).
+        """Sample max_new_tokens after prompt (B, [streams,] T0) -> (B, [streams,] T0 + max_new_tokens).
 
-        temperature 0 is greedy. allowed (T0 + max_new_tokens, [streams,] vocab_size) bool: what may be sampled at
-        each position (tokenizer.allowed). use_kv_cache=False re-runs the whole sequence for every token, like the
-        reference. uncond_prompt (the prompt with "unknown" conditions) and cfg_scale: classifier-free guidance;
-        both prompts run as one batch of 2B with the cache, each token is sampled from uncond + cfg_scale *
-        (cond - uncond) and fed to both halves. decoder: what makes the caches and runs each one-token step
-        (new_caches, decode_one_token): this model by default, or sample.py's CompiledDecoder.
+        temperature, top_k, top_p: sample_next. allowed (T0 + max_new_tokens, [streams,] vocab) bool: what may be
+        sampled at each position (tokenizer.allowed). use_kv_cache=False re-runs the whole sequence for every token,
+        like the reference. uncond_prompt and cfg_scale: classifier-free guidance, both prompts in one batch.
+        decoder: makes the caches and decodes one token: this model, or a CompiledDecoder (Faster paths).
         """
-        B, T0 = len(prompt), prompt.shape[-1]
-        total = T0 + max_new_tokens
-        # The last sampled token is never fed back, so the model sees at most total - 1 positions.
-        if total - 1 > self.cfg.max_seq_len:
-            raise ValueError(f"prompt ({T0}) + new tokens ({max_new_tokens}) need {total - 1} positions; "
-                             f"the model has max_seq_len={self.cfg.max_seq_len}")
         guided = uncond_prompt is not None and cfg_scale != 1.0
-        if guided and uncond_prompt.shape != prompt.shape:
-            raise ValueError(f"uncond_prompt {tuple(uncond_prompt.shape)} must have the prompt's shape "
-                             f"{tuple(prompt.shape)}")
+        self.check_room(prompt, max_new_tokens, uncond_prompt if guided else None)
+        B, T0, total = len(prompt), prompt.shape[-1], prompt.shape[-1] + max_new_tokens
+        seqs = start_sequences(prompt, total, uncond_prompt if guided else None)
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         decoder = decoder or self
         was_training = self.training
         self.eval()
-        # rows B.. hold the unconditional copy when guiding; both copies get the same sampled tokens
-        seqs = torch.empty(2 * B if guided else B, *prompt.shape[1:-1], total, dtype=torch.long, device=prompt.device)
-        seqs[:B, ..., :T0] = prompt
-        if guided:
-            seqs[B:, ..., :T0] = uncond_prompt
-        # The cache holds what the layers compute: bf16 under autocast, the weights' dtype otherwise.
-        dtype = torch.get_autocast_dtype(prompt.device.type) if torch.is_autocast_enabled(prompt.device.type) else None
-        caches = decoder.new_caches(len(seqs), total - 1, dtype) if use_kv_cache else None
-        logits = self.prefill(seqs[..., :T0], caches) if use_kv_cache else self(seqs[..., :T0])[..., -1, :]
+        # The last sampled token is never fed back, so the model sees at most total - 1 positions.
+        caches = decoder.new_caches(len(seqs), total - 1, autocast_dtype(prompt.device)) if use_kv_cache else None
+        logits = self.prefill(seqs[..., :T0], caches)
         for pos in range(T0, total):
-            if guided:
-                logits = classifier_free_guidance(logits, cfg_scale)
-            rows = logits.flatten(0, -2)  # one row per token to pick: (B, vocab) or (B * streams, vocab)
-            mask = None if allowed is None else allowed[pos].expand(logits.shape).flatten(0, -2)
-            token = sample_next(rows, temperature, top_k, top_p, generator, mask).view(logits.shape[:-1])
-            seqs[..., pos] = torch.cat([token, token]) if guided else token
-            if pos + 1 == total:
-                break
-            if use_kv_cache:
-                logits = decoder.decode_one_token(seqs[..., pos], pos, caches)
-            else:
-                logits = self(seqs[..., :pos + 1])[..., -1, :]
+            seqs[..., pos] = next_token(logits, None if allowed is None else allowed[pos],
+                                        cfg_scale if guided else None, **sampling)
+            if pos + 1 < total:
+                logits = (decoder.decode_one_token(seqs[..., pos], pos, caches) if use_kv_cache
+                          else self.prefill(seqs[..., :pos + 1], None))     # no cache: the whole sequence again
         self.train(was_training)
         return seqs[:B]
+
+    def check_room(self, prompt: Tensor, max_new_tokens: int, uncond_prompt: Tensor | None) -> None:
+        """generate's arguments checked before any work: the positions fit the model, the two prompts match."""
+        T0 = prompt.shape[-1]
+        if T0 + max_new_tokens - 1 > self.cfg.max_seq_len:
+            raise ValueError(f"prompt ({T0}) + new tokens ({max_new_tokens}) need {T0 + max_new_tokens - 1} "
+                             f"positions; the model has max_seq_len={self.cfg.max_seq_len}")
+        if uncond_prompt is not None and uncond_prompt.shape != prompt.shape:
+            raise ValueError(f"uncond_prompt {tuple(uncond_prompt.shape)} must have the prompt's shape "
+                             f"{tuple(prompt.shape)}")
 
     @classmethod
     def from_x_transformers(cls, state_dict: dict[str, Tensor], heads: int, dim_head: int = 64,
                             max_seq_len: int = 250) -> GPT:
-        """The reference recipe's model: a GPT with every weight of x-transformers' TransformerWrapper(attn_layers=
-        Decoder(rotary_pos_emb=True)) copied in (gpt_from_x_transformers, at the end of this file, maps them)."""
+        """The reference recipe's x-transformers model as a GPT, every weight copied (gpt_from_x_transformers)."""
         return gpt_from_x_transformers(state_dict, heads, dim_head, max_seq_len)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Choosing the next token
+# generate's steps: the token buffer, then choosing each next token
+
+def start_sequences(prompt: Tensor, total: int, uncond_prompt: Tensor | None) -> Tensor:
+    """generate's token buffer (B, [streams,] total), the prompt first. With guidance 2B rows: rows B.. start
+    with the unconditional prompt and get the same sampled tokens as rows ..B."""
+    rows = len(prompt) * (1 if uncond_prompt is None else 2)
+    seqs = torch.empty(rows, *prompt.shape[1:-1], total, dtype=torch.long, device=prompt.device)
+    seqs[..., :prompt.shape[-1]] = prompt if uncond_prompt is None else torch.cat([prompt, uncond_prompt])
+    return seqs
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """What the layers compute in under autocast (bf16), so the caches hold it as it is; None outside autocast."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+def next_token(logits: Tensor, allowed: Tensor | None, cfg_scale: float | None, **sampling) -> Tensor:
+    """The tokens (rows, [streams]) of one position from its logits (rows, [streams,] vocab), among allowed
+    ([streams,] vocab) only; with cfg_scale, guided (both copies of a note get its token). sampling: sample_next's."""
+    if cfg_scale is not None:
+        logits = classifier_free_guidance(logits, cfg_scale)
+    rows = logits.flatten(0, -2)  # one row per token to pick: (B, vocab) or (B * streams, vocab)
+    mask = None if allowed is None else allowed.expand(logits.shape).flatten(0, -2)
+    token = sample_next(rows, allowed=mask, **sampling).view(logits.shape[:-1])
+    return token if cfg_scale is None else torch.cat([token, token])
+
 
 def classifier_free_guidance(logits: Tensor, scale: float) -> Tensor:
     """logits (2B, ...) of [conditional; unconditional] rows -> (B, ...) = uncond + scale * (cond - uncond).
@@ -356,39 +334,48 @@ def classifier_free_guidance(logits: Tensor, scale: float) -> Tensor:
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                 generator: torch.Generator | None = None, allowed: Tensor | None = None) -> Tensor:
-    """Pick one token per row of logits (B, vocab) -> (B,).
-
-    allowed (vocab,) bool removes tokens first; temperature 0 takes the argmax; top_k keeps the k most likely
-    tokens; top_p keeps the smallest set whose probability reaches p (nucleus sampling).
-    """
+    """One token per row of logits (B, vocab) -> (B,), among allowed (vocab,) only: the argmax at temperature 0,
+    else a draw from logits_to_probs."""
     logits = logits.float()
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
-    candidates = None  # token ids of the columns of logits, once they are cut down and sorted
+    probs, ids = logits_to_probs(logits / temperature, top_k, top_p)
+    choice = draw(probs, generator)                                     # (B, 1) columns of probs
+    return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
+
+
+def logits_to_probs(logits: Tensor, top_k: int | None = None, top_p: float | None = None
+                    ) -> tuple[Tensor, Tensor | None]:
+    """Probabilities (B, n) of the tokens top_k (the k most likely) and top_p (the smallest set whose probability
+    reaches p: nucleus sampling) keep, and ids (B, n), the token of each column, or None when column = token."""
+    ids = None
     if top_k is not None and top_k < logits.shape[-1]:
-        logits, candidates = torch.topk(logits, top_k, dim=-1)          # sorted, most likely first
+        logits, ids = torch.topk(logits, top_k, dim=-1)                 # sorted, most likely first
     if top_p is not None and top_p < 1.0:
-        if candidates is None:
-            logits, candidates = torch.sort(logits, dim=-1, descending=True)
+        if ids is None:
+            logits, ids = torch.sort(logits, dim=-1, descending=True)
         probs = logits.softmax(dim=-1)
         # drop a token when the tokens before it already reach top_p (so the most likely one always stays)
         logits = logits.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
-    # Inverse-CDF draw: one uniform number u per row, take the first token whose cumulative probability
-    # exceeds u. The same distribution as torch.multinomial, and much cheaper on CPU (bench.py measures it).
-    # right=True never picks a token of probability 0 (its cumulative sum equals its predecessor's).
-    cdf = logits.softmax(dim=-1).cumsum(dim=-1)
+    return logits.softmax(dim=-1), ids
+
+
+def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One column per row of probs (B, n) -> (B, 1), by inverse CDF: the first column whose cumulative probability
+    exceeds a uniform u. torch.multinomial's distribution, cheaper on CPU. right=True skips columns of probability 0."""
+    cdf = probs.cumsum(dim=-1)
     u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
-    choice = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
-    return (choice if candidates is None else candidates.gather(-1, choice)).squeeze(-1)
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Faster paths (attention="fast"): the same maths as above, measured faster on CPU (bench.py). Skip on a first read.
+# Faster paths: the same maths as above, measured faster (bench.py, docs/speed.md). Skip on a first read.
+# GPT.set_attention swaps in fast_attention or fused_attention and FastDropout; generate(decoder=CompiledDecoder)
+# decodes with the static shapes that torch.compile and CUDA graphs need.
 
-def fast_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: Dropout) -> Tensor:
+def fast_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: nn.Module) -> Tensor:
     """explicit_attention in fewer passes over the scores: the mask becomes a bias of 0 / -inf that baddbmm adds
     while it multiplies (bias + scale * q k^T), instead of a matmul, a scale and a masked_fill one after another."""
     B, H, Tq, D = q.shape
@@ -401,30 +388,112 @@ def fast_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout
     return (weights @ v.reshape(B * H, Tk, D)).view(B, H, Tq, D)
 
 
-class Dropout(nn.Dropout):
-    """nn.Dropout, with a cheaper random mask on CPU when cheap_mask is set (GPT.set_attention("fast")).
+def fused_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: nn.Module) -> Tensor:
+    """explicit_attention in one F.scaled_dot_product_attention call (flash on CUDA). With as many queries as keys
+    the mask is the square triangle: is_causal, which skips masked blocks (it is aligned top-left: not with a cache)."""
+    causal = mask is not None and q.shape[2] == k.shape[2]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
+                                          dropout_p=dropout.p if dropout.training else 0.0)
 
-    On CPU, F.dropout draws one random number per element (bernoulli_), and at the reference size that was a fifth
-    of a training step. cheap_dropout draws one 64-bit number per four elements instead.
-    """
-    cheap_mask = False
+
+ATTENTIONS = {"explicit": explicit_attention, "fast": fast_attention, "fused": fused_attention}
+ATTENTION_KINDS = tuple(ATTENTIONS)
+
+
+class FastDropout(nn.Dropout):
+    """nn.Dropout that returns x at once when there is nothing to drop (every call while sampling), and with
+    cheap_mask draws its mask on CPU from a quarter of F.dropout's random numbers (cheap_dropout)."""
+
+    def __init__(self, p: float, cheap_mask: bool = False):
+        super().__init__(p)
+        self.cheap_mask = cheap_mask
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0:
-            return x  # nothing to drop: skip F.dropout's dispatch, once per layer and token while sampling
+            return x
         if self.cheap_mask and x.device.type == "cpu" and self.p < 1:
             return cheap_dropout(x, self.p)
         return super().forward(x)
 
 
 def cheap_dropout(x: Tensor, p: float) -> Tensor:
-    """F.dropout(x, p) with a mask from a quarter of the random draws. Each 16-bit quarter of a random 64-bit draw
-    is a uniform int16, and an element is dropped when it falls in the lowest p * 2^16 values (p is rounded to a
-    multiple of 2^-16). Kept elements are scaled by 1 / (1 - p), as in F.dropout."""
+    """F.dropout(x, p) from a quarter of the random draws: each 16-bit quarter of a random int64 is a uniform int16,
+    and an element is dropped when it is among the lowest p * 2^16 values. Kept ones are scaled by 1 / (1 - p)."""
     n = x.numel()
     bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, 2**63 - 1).view(torch.int16)
     keep = bits[:n].view(x.shape) >= round(p * 2**16) - 2**15
     return x * keep.to(x.dtype).mul_(1 / (1 - p))
+
+
+def swap_dropouts(model: nn.Module, kind: str) -> None:
+    """Every dropout of model becomes an nn.Dropout for 'explicit', else a FastDropout, with the cheap mask for
+    'fast' only."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Dropout):
+                new = nn.Dropout(child.p) if kind == "explicit" else FastDropout(child.p, cheap_mask=kind == "fast")
+                setattr(module, name, new.train(child.training))
+
+
+class StaticKVCache(KVCache):
+    """A KVCache's buffers, written at tensor positions and read whole (the caller masks): the same shapes at every
+    position. An int position (GPT.prefill's prompt) goes in as in KVCache."""
+
+    def __init__(self, cache: KVCache):
+        self.k, self.v = cache.k, cache.v
+
+    def update(self, pos: int | Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if not isinstance(pos, Tensor):
+            return super().update(pos, k, v)
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+        return self.k, self.v
+
+
+class StaticDecoder:
+    """GPT.decode_one_token with the same shapes at every position, for GPT.generate(decoder=...): the position is
+    a 1-element tensor and attention covers the whole cache, later slots masked. torch.compile then makes one graph
+    for every position (CompiledDecoder)."""
+
+    def __init__(self, model: GPT):
+        self.model = model
+        self.key, self.caches, self.positions = None, None, None
+
+    def new_caches(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> list[KVCache]:
+        """Empty StaticKVCaches, kept for the next generate of the same shape, as a CUDA graph reads and writes
+        fixed addresses (safe: a slot is always written before a query reads it)."""
+        # (inference-mode tensors, as generate makes, cannot be written outside inference mode)
+        key = (batch_size, max_len, dtype, torch.is_inference_mode_enabled())
+        if key != self.key:
+            self.caches = [StaticKVCache(cache) for cache in self.model.new_caches(batch_size, max_len, dtype)]
+            for cache in self.caches:
+                torch._dynamo.mark_static_address(cache.k)
+                torch._dynamo.mark_static_address(cache.v)
+            self.key = key
+            self.positions = torch.arange(max_len + 1, device=self.caches[0].k.device)
+        return self.caches
+
+    def decode_one_token(self, token: Tensor, pos: int, caches: list[KVCache]) -> Tensor:
+        return self.step(token, self.positions[pos:pos + 1], caches)
+
+    def step(self, token: Tensor, pos: Tensor, caches: list[KVCache]) -> Tensor:
+        """GPT.decode_one_token at a 1-element tensor position, against the whole cache."""
+        model = self.model
+        mask = model.causal_mask[pos, :caches[0].k.shape[2]]           # (1, cache slots): keys up to pos
+        return model.layers(token[..., None], model.rotations[pos], mask, pos, caches)[..., -1, :]
+
+
+class CompiledDecoder(StaticDecoder):
+    """StaticDecoder's step through torch.compile (gpt-fast's recipe). With mode="reduce-overhead" on CUDA the
+    graph is also recorded as a CUDA graph: one launch per token instead of one per kernel."""
+
+    def __init__(self, model: GPT, mode: str | None = None):
+        super().__init__(model)
+        self.compiled_step = torch.compile(self.step, mode=mode, fullgraph=True, dynamic=False)
+
+    def decode_one_token(self, token: Tensor, pos: int, caches: list[KVCache]) -> Tensor:
+        # .clone(): a CUDA graph's output lives in memory that its next replay overwrites
+        return self.compiled_step(token, self.positions[pos:pos + 1], caches).clone()
 
 
 # ----------------------------------------------------------------------------------------------------

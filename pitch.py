@@ -6,9 +6,8 @@ Does a note come out at the pitch we asked for, and louder when asked for a high
 
 - estimate_f0: the pitch of one plucked note. Praat's autocorrelation pitch tracker (Boersma 1993, through the
   praat-parselmouth package) gives one f0 every 10 ms; we skip the attack (its noisy first 0.1 s), look at the
-  next 1.9 s and take the median of the voiced frames. `python pitch.py --real` checks it on labelled notes (the
-  README gives its score on the 57 real guitar notes in shared/data/real-guitar). No model weights, nothing
-  downloaded.
+  next 1.9 s and take the median of the voiced frames. `python pitch.py --real` checks it on labelled notes
+  (docs/notes.md gives its score on the real guitar notes). No model weights, nothing downloaded.
 - levels_db: a note's peak level and the RMS level of its attack (the 0.1 s from the onset), in dB relative to full
   scale. rank_correlation (Spearman's) says how well the attack levels of many notes follow the velocities asked.
 - pitch_report: all of the above for a list of (WAV, requested MIDI pitch[, velocity]), one line per note, a
@@ -42,9 +41,8 @@ LEVEL_FLOOR_DB = -120.0    # what silence reads, below the quietest 16-bit sampl
 LEVEL_RESOLUTION_DB = 0.1  # attack levels are ranked rounded to this step (a level step people hear is about 1 dB)
 SUSTAIN_SECONDS = 1.9      # then this much is analysed (a generated note is 1.67 s long)
 FRAME_SECONDS = 0.01       # one f0 estimate every 10 ms
-OCTAVE_COST = 0.025        # Praat's bonus per octave for higher pitch candidates (its default: 0.01). On the 57 real
-                           # notes every value from 0.012 to 0.05 gets all of them right; at 0.01 the 2960 Hz note
-                           # is taken at 1/5 of its pitch, from 0.06 a G#3 is taken an octave high.
+OCTAVE_COST = 0.025        # Praat's bonus per octave for higher pitch candidates (default 0.01, which reads a
+                           # clipped high note at a fifth of its pitch; chosen on the real notes: docs/notes.md)
 NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 
 

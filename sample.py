@@ -28,15 +28,16 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
-from cli import add_shared_flags, non_negative, pick_attention, pick_device, positive, probability, run_or_exit
+from cli import (add_shared_flags, non_negative, pick_attention, pick_device, pitches, positive, probability,
+                 run_or_exit, velocities)
 from codec_kinds import codec_from_checkpoint
 from data import FRAME_RATE, HOP, SAMPLE_RATE, Codec, DataError, read_audio
 from files import atomic_write
 from long_run import Stopped
-from model import GPT, KVCache
+from model import GPT, CompiledDecoder
 from page import write_samples_page
 from pitch import NoteResult, pitch_report
-from tokenizer import MIDI_VALUES, NSYNTH_SOURCES, PATTERNS, CodecTokenizer
+from tokenizer import NSYNTH_SOURCES, PATTERNS, CodecTokenizer
 
 
 def sample(args) -> list[Path]:
@@ -102,8 +103,7 @@ def sample(args) -> list[Path]:
 
 def write_wav(path: Path, audio: np.ndarray) -> None:
     """16-bit WAV, made in memory and written with atomic_write: a full disk or a Ctrl-C leaves no half WAV behind
-    (nor a broken old one). In memory first because soundfile writing to a file itself reports a full disk from
-    inside its C callbacks, with tracebacks of its own, instead of one OSError."""
+    (soundfile writing a file itself reports a full disk from its C callbacks, not as one OSError)."""
     buffer = io.BytesIO()
     sf.write(buffer, audio.astype(np.float32), SAMPLE_RATE, subtype="PCM_16", format="WAV")
     atomic_write(path, lambda f: f.write(buffer.getvalue()))
@@ -229,65 +229,8 @@ class Speed:
                 "included)")
 
 
-class CompiledDecoder:
-    """GPT.decode_one_token through torch.compile, for GPT.generate(decoder=...) (gpt-fast's recipe).
-
-    The position goes in as a 1-element tensor and attention covers the whole cache, masked (KVCache.update), so
-    one compiled graph serves every position. With mode="reduce-overhead" on CUDA the graph is also recorded as a
-    CUDA graph: one launch per token instead of one per kernel. A CUDA graph reads and writes fixed addresses, so
-    the caches are marked static and kept for the next generate of the same shape, which then replays the graph
-    on the same memory instead of recording it again. Reusing them is safe: every slot is written before a query
-    at or after its position reads it.
-    """
-
-    def __init__(self, model: GPT, mode: str | None = None):
-        self.model = model
-        self.step = torch.compile(model.decode_one_token, mode=mode, fullgraph=True, dynamic=False)
-        self.key, self.caches = None, None
-        self.positions = None
-
-    def new_caches(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> list[KVCache]:
-        # (inference-mode tensors, as generate makes, cannot be written outside inference mode)
-        key = (batch_size, max_len, dtype, torch.is_inference_mode_enabled())
-        if key != self.key:
-            self.caches = self.model.new_caches(batch_size, max_len, dtype)
-            for cache in self.caches:
-                torch._dynamo.mark_static_address(cache.k)
-                torch._dynamo.mark_static_address(cache.v)
-            self.key = key
-            self.positions = torch.arange(max_len + 1, device=self.caches[0].k.device)
-        return self.caches
-
-    def decode_one_token(self, token: torch.Tensor, pos: int, caches: list[KVCache]) -> torch.Tensor:
-        # .clone(): a CUDA graph's output lives in memory that its next replay overwrites
-        return self.step(token, self.positions[pos:pos + 1], caches).clone()
-
-
 # ----------------------------------------------------------------------------------------------------
 # Flags
-
-def midi_numbers(what: str, example: str, example_range: str):
-    """An argparse type for --pitch and --velocity: '60', '60,64,67' or '48-72' (inclusive) -> MIDI numbers, each in
-    0..127, in the order given; a number given twice is made once (--num-samples asks for several takes)."""
-    def parse(text: str) -> list[int]:
-        try:
-            values = []
-            for part in text.split(","):
-                low, _, high = part.strip().partition("-")
-                values += list(range(int(low), int(high) + 1)) if high else [int(low)]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a MIDI {what}, a list like {example} or a range like "
-                                             f"{example_range}, got {text!r}") from None
-        bad = [v for v in values if not 0 <= v < MIDI_VALUES]
-        if bad or not values:
-            raise argparse.ArgumentTypeError(f"MIDI {what} values are 0..127, got {text!r}")
-        return list(dict.fromkeys(values))
-    return parse
-
-
-pitches = midi_numbers("pitch", "60,64,67", "48-72")
-velocities = midi_numbers("velocity", "25,75,127", "25-127")
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -9,17 +9,14 @@ interleaving pattern. MusicGen (Copet et al. 2023, section 2.2) compares several
 | pattern  | decode steps per note | when the code of level k, frame t is predicted, the model has seen       |
 |----------|-----------------------|--------------------------------------------------------------------------|
 | flatten  | K x T                 | every level of frames < t, and levels < k of frame t (exact)             |
-| delay    | T + K - 1             | each level k' up to frame t + k - k' - 1: the lower levels of frame t    |
-|          |                       | too, level k before t, the higher levels only up to t - (k' - k) - 1     |
+| delay    | T + K - 1             | each level k' up to frame t + k - k' - 1 (the lower levels: frame t too) |
 | parallel | T                     | every level of frames < t, nothing of frame t                            |
 
 flatten (the reference recipe's, and the default) is the exact autoregressive factorisation, at K times the steps
-and K^2 times the attention cost; its cost grows with the bandwidth. delay and parallel predict all K levels in
-one step (the model reads K streams, one embedding table per level, summed, and has one output layer per level),
-so a note costs about T steps whatever the bandwidth. delay shifts level k by k steps so that a code still sees
-the lower levels of its own frame, which parallel gives up. Where the delay leaves a hole (before a level's first
-code, after its last) the stream holds that level's EMPTY token: never a code and never in the loss (per_code()
-leaves it out); where it stands, allowed() allows nothing else, so sampling draws it with probability 1.
+and K^2 times the attention cost. delay and parallel predict all K levels in one step (the model reads K streams),
+so a note costs about T steps whatever the bandwidth; delay shifts level k by k steps so that a code still sees
+the lower levels of its own frame. Where the delay leaves a hole (before a level's first code, after its last) the
+stream holds that level's EMPTY token: never a code, never in the loss (per_code), the only token allowed there.
 
 Every stream starts with BOS and, with conditions, the note's pitch, velocity and instrument source.
 """
@@ -138,14 +135,12 @@ class CodecTokenizer:
         return torch.stack([body[:, k, k:k + T] for k in range(self.levels)], dim=1)
 
     def per_code(self, per_target: Tensor) -> Tensor:
-        """Values computed for every next-token target of the streams (B, [levels,] S - 1), the one at step s for
-        the token at s + 1 (a loss, a hit) -> the values of the codes (B, levels, frames). BOS, the conditions and
-        EMPTY are never among them: they are not predicted, or not learned."""
+        """Values per next-token target (B, [levels,] S - 1), step s's for the token at s + 1 (a loss, a hit) ->
+        the values of the codes (B, levels, frames), without BOS, the conditions and EMPTY (not learned)."""
         return self.deinterleave(per_target[..., self.prefix - 1:])
 
     def _offsets(self, device) -> Tensor:
-        """What is added to each level's codes: (levels, 1). Only the flattening pattern's levels share a stream
-        and need ids of their own."""
+        """What is added to each level's codes: (levels, 1); only flatten's levels share a stream and need own ids."""
         step = self.codebook_size if self.layout == "levels" and self.pattern == "flatten" else 0
         return (torch.arange(self.levels, device=device) * step)[:, None]
 

@@ -35,6 +35,7 @@ import codec as C
 import pitch
 from checkpoint import save_checkpoint
 from cli import pick_device, positive, train_or_exit
+from codec_extras import discriminator_loss, evaluate, generator_losses, make_discriminator
 from codec_kinds import CODEC_FILE_KIND
 from data import FRAME_RATE, HOP, DataError, EncodedFiles, labels_of, read_audio, report_skipped
 from figures import codec_curves
@@ -90,11 +91,11 @@ def train(args: Settings) -> C.CodecModel:
     # The published architecture has no harmonic synthesizer, so its phases can follow the input: EnCodec's L1 x 0.1.
     sized = {"w_l1": 0.1} if args.size == "encodec" else {"width": args.width}
     cfg = C.CodecConfig(**resumed["config"]) if resumed else C.CodecConfig(size=args.size, **sized)
-    model = C.CodecModel(cfg).to(device)
+    model = C.make_codec(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
     disc = disc_optimizer = None
     if args.adversarial:  # EnCodec's discriminator, and its own optimizer
-        disc = C.make_discriminator().to(device)
+        disc = make_discriminator().to(device)
         disc_optimizer = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9))
     batches = torch.Generator().manual_seed(args.seed)   # notes, crops and bandwidth of each step: same on all ranks
     if not resumed:  # codebooks from k-means on the (random) encoder's latents of up to 64 notes: every rank the same
@@ -132,9 +133,9 @@ def train(args: Settings) -> C.CodecModel:
             if disc is not None:  # --adversarial: the discriminator's step first, then the codec's losses through it
                 real = audio[:, :out.audio.shape[-1]]
                 disc_optimizer.zero_grad(set_to_none=True)
-                C.discriminator_loss(disc, real, out.audio).backward()
+                discriminator_loss(disc, real, out.audio).backward()
                 disc_optimizer.step()
-                g_loss, feat = C.generator_losses(disc, real, out.audio)
+                g_loss, feat = generator_losses(disc, real, out.audio)
                 loss = loss + cfg.w_adv * g_loss + cfg.w_feat * feat
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -169,10 +170,10 @@ def crops(notes: dict, args: Settings, batches: torch.Generator, rank: int, worl
 # Evaluation
 
 def evaluation(model: C.CodecModel, notes: dict, args: Settings) -> dict:
-    """codec.evaluate on the held-out notes at --eval-bandwidths, flattened into log.jsonl's keys; the loss at the
-    first bandwidth is val_loss (what curves.png draws) and its perplexities val_perplexity_per_level."""
-    result = C.evaluate(model, notes["valid"], notes["valid_f0"], bandwidths=args.eval_bandwidths,
-                        measure=None if args.no_pitch_eval else pitch_and_level_kept)
+    """codec_extras.evaluate on the held-out notes at --eval-bandwidths, flattened into log.jsonl's keys; the loss at
+    the first bandwidth is val_loss (what curves.png draws) and its perplexities val_perplexity_per_level."""
+    result = evaluate(model, notes["valid"], notes["valid_f0"], bandwidths=args.eval_bandwidths,
+                      measure=None if args.no_pitch_eval else pitch_and_level_kept)
     result.pop("audio")
     first = result[f"bw{float(args.eval_bandwidths[0])}"]
     return {"val_loss": first["loss"], "bandwidths": result}

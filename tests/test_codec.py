@@ -1,5 +1,6 @@
-"""The trainable codec (codec.py), its trainer (train_codec.py) and its file (data.Codec.load): a few steps on tiny
-data, exact resume, shapes at every bandwidth, the codec file round trip, damaged or wrong files refused."""
+"""The trainable codec (codec.py, codec_extras.py), its trainer (train_codec.py) and its file (data.Codec.load): a
+few steps on tiny data, exact resume, shapes at every bandwidth, the synthesis, the published architecture, the codec
+file round trip, damaged or wrong files refused."""
 import json
 import math
 import os
@@ -108,7 +109,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_codec_run(codec_run, tmp_pat
 @pytest.mark.parametrize("size", ["small", "encodec"])
 def test_encode_decode_shapes_at_every_bandwidth(size):
     torch.manual_seed(0)
-    model = C.CodecModel(C.CodecConfig(size=size, width=32)).eval()
+    model = C.make_codec(C.CodecConfig(size=size, width=32)).eval()
     audio = torch.randn(2, 25 * C.HOP) * 0.1
     for bandwidth, levels in C.BANDWIDTH_LEVELS.items():
         model.set_target_bandwidth(bandwidth)
@@ -121,7 +122,7 @@ def test_encode_decode_shapes_at_every_bandwidth(size):
 def test_training_loss_reaches_every_level_and_the_encoder():
     """codec_loss at 4 levels: commitment per level (4 values), and gradients reach the encoder and decoder."""
     torch.manual_seed(0)
-    model = C.CodecModel(C.CodecConfig(width=32))
+    model = C.make_codec(C.CodecConfig(width=32))
     audio = torch.randn(2, 16 * C.HOP) * 0.1
     loss, parts, out = C.codec_loss(model, audio, 4, torch.tensor([110.0, float("nan")]))
     loss.backward()
@@ -145,8 +146,37 @@ def test_partials_share_the_amplitude_below_nyquist_and_keep_their_peaks_low():
     assert (harmonics[1, 2:] == 0).all() and (harmonics[1, :2] > 0).all()
     flat = torch.zeros(1, 64, 20)
     flat[:, :39] = 0.5 / 39
-    audio = decoder.synthesize(f0[:1], flat, torch.zeros(1, 65, 20))[0, 2 * C.HOP:-2 * C.HOP]
+    audio = C.harmonic_synth(f0[:1], flat)[0, 2 * C.HOP:-2 * C.HOP]
     assert 20 * torch.log10(audio.abs().max() / audio.pow(2).mean().sqrt()) < 8
+
+
+def test_filtered_noise_follows_its_envelope_and_its_seed():
+    """Noise with an envelope only below 1.7 kHz (bands 0-9 of 65 from 0 to 12 kHz) has almost no energy above
+    2.5 kHz; the same seed gives the same samples, another seed others."""
+    envelope = torch.zeros(1, 65, 40)
+    envelope[:, :10] = 1.0
+    noise = C.filtered_noise(envelope, seed=1)
+    assert noise.shape == (1, 40 * C.HOP)
+    assert torch.equal(noise, C.filtered_noise(envelope, seed=1))
+    assert not torch.equal(noise, C.filtered_noise(envelope, seed=2))
+    middle = noise[0, 2 * C.HOP:-2 * C.HOP]
+    power = torch.fft.rfft(middle).abs().pow(2)
+    hz = torch.fft.rfftfreq(len(middle), 1 / C.SAMPLE_RATE)
+    assert power[hz > 2500].sum() < 1e-3 * power.sum()
+
+
+def test_published_architecture_is_encodecs_model():
+    """CodecConfig(size='encodec') is EnCodec's own EncodecModel as model.net (the released weights load into it),
+    its quantizer the codec's, its loss without the f0 and harmonic parts."""
+    from encodec import EncodecModel
+    torch.manual_seed(0)
+    model = C.make_codec(C.CodecConfig(size="encodec"))
+    assert isinstance(model, C.CodecModel) and isinstance(model.net, EncodecModel)
+    assert model.quantizer is model.net.quantizer
+    released = C.make_codec(C.CodecConfig(size="encodec")).net.state_dict()   # the released weights' keys, shapes
+    model.net.load_state_dict(released)
+    _, parts, out = C.codec_loss(model, torch.randn(1, 8 * C.HOP) * 0.1, 2, torch.tensor([110.0]))
+    assert set(parts) == {"stft", "l1", "commit", "loudness"} and out.codes.shape == (1, 2, 8)
 
 
 def test_codec_load_round_trip(codec_run):

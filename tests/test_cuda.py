@@ -23,8 +23,7 @@ import codec_kinds
 import data
 from checkpoint import load_checkpoint
 from conftest import ROOT, TINY, read_log, run
-from model import GPT, GPTConfig
-from sample import CompiledDecoder
+from model import GPT, CompiledDecoder, GPTConfig, StaticDecoder, StaticKVCache
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(),
@@ -129,7 +128,8 @@ def test_fused_attention_runs_the_flash_and_memory_efficient_kernels(backend, ex
             model.prefill(idx[:, :8], caches)                          # causal, as many queries as keys
             step = model.decode_one_token(idx[:, 8], 8, caches)        # one query, no mask
             if backend == "EFFICIENT_ATTENTION":                       # the whole cache with a mask
-                step_static = model.decode_one_token(idx[:, 9], torch.tensor([9], device="cuda"), caches)
+                static_caches = [StaticKVCache(cache) for cache in caches]
+                step_static = StaticDecoder(model).step(idx[:, 9], torch.tensor([9], device="cuda"), static_caches)
                 assert step_static.isfinite().all()
         assert relative_error(step, math[:, 8]) <= (2e-2 if dtype == torch.bfloat16 else 2e-3), dtype
 
@@ -139,7 +139,7 @@ def test_fused_attention_runs_the_flash_and_memory_efficient_kernels(backend, ex
 
 @pytest.mark.parametrize("attention", ATTENTION)
 def test_cached_decoding_matches_uncached_on_cuda(attention, exact_float32):
-    """On CUDA, prefill + one token at a time against the cache (int and tensor positions) gives the uncached
+    """On CUDA, prefill + one token at a time against the cache (GPT's and StaticDecoder's) gives the uncached
     forward's logits, and greedy and seeded sampled generation give the same tokens with and without the cache."""
     from test_model import small_gpt
     torch.manual_seed(2)
@@ -148,13 +148,12 @@ def test_cached_decoding_matches_uncached_on_cuda(attention, exact_float32):
     idx = torch.randint(0, model.cfg.vocab_size, (2, L), device="cuda")
     with torch.no_grad():
         full = model(idx)
-        for pos_as in ("int", "tensor"):
-            caches = model.new_caches(2, L)
+        for decoder in (model, StaticDecoder(model)):
+            caches = decoder.new_caches(2, L)
             torch.testing.assert_close(model.prefill(idx[:, :5], caches), full[:, 4], atol=1e-4, rtol=0)
             for pos in range(5, L):
-                p = pos if pos_as == "int" else torch.tensor([pos], device="cuda")
-                torch.testing.assert_close(model.decode_one_token(idx[:, pos], p, caches), full[:, pos],
-                                           atol=1e-4, rtol=0, msg=f"{pos_as} position {pos}")
+                torch.testing.assert_close(decoder.decode_one_token(idx[:, pos], pos, caches), full[:, pos],
+                                           atol=1e-4, rtol=0, msg=f"{type(decoder).__name__} position {pos}")
     prompt = idx[:, :3]
     n_new = L - 3 + 1
     for temperature in (0.0, 1.0):
@@ -185,7 +184,7 @@ class GraphCounts:
 
 
 def test_compiled_decode_is_a_cuda_graph_that_gives_the_eager_tokens_and_replays(monkeypatch, exact_float32):
-    """sample.CompiledDecoder with mode="reduce-overhead" (as sample.py --compile runs it on CUDA) samples exactly
+    """CompiledDecoder with mode="reduce-overhead" (as sample.py --compile runs it on CUDA) samples exactly
     the eager tokens for a seeded run, greedy and at temperature 1 (the reference width and 2 layers: the mechanism,
     at a compile time that fits the check; the bench compiles the reference size). The first generate records a
     CUDA graph; a second generate of the same shape records none, replays one for every token after the first few,

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import GPT, Dropout, GPTConfig, cheap_dropout, sample_next  # noqa: E402
-from sample import CompiledDecoder  # noqa: E402
+from model import (ATTENTIONS, GPT, CompiledDecoder, FastDropout, GPTConfig, StaticDecoder,  # noqa: E402
+                   cheap_dropout, sample_next)
 
 x_transformers = pytest.importorskip("x_transformers")
 from x_transformers import AutoregressiveWrapper, Decoder, TransformerWrapper  # noqa: E402
@@ -192,18 +192,20 @@ def full_logits_and_caches(attention: str, seed: int):
 
 @pytest.mark.parametrize("attention", ATTENTION)
 @pytest.mark.parametrize("prompt_len", [7, 1])
-@pytest.mark.parametrize("pos_as", ["int", "tensor"])
-def test_cached_decoding_matches_uncached(attention, prompt_len, pos_as):
-    """prefill + decode_one_token at every following position gives the full uncached forward's logits. With the
-    position as a tensor (whole cache, masked: the static shapes torch.compile and CUDA graphs need) as with an int
-    (cache sliced to the filled prefix)."""
-    model, idx, full, caches = full_logits_and_caches(attention, seed=2)
+@pytest.mark.parametrize("static", [False, True])
+def test_cached_decoding_matches_uncached(attention, prompt_len, static):
+    """prefill + decode_one_token at every following position gives the full uncached forward's logits: GPT's
+    (the cache sliced to the filled prefix) and StaticDecoder's (the position as a tensor, the whole cache masked:
+    the static shapes torch.compile and CUDA graphs need)."""
+    model, idx, full, _ = full_logits_and_caches(attention, seed=2)
     L = idx.shape[1]
+    decoder = StaticDecoder(model) if static else model
+    caches = decoder.new_caches(len(idx), L)
     with torch.no_grad():
         last = model.prefill(idx[:, :prompt_len], caches)
         torch.testing.assert_close(last, full[:, prompt_len - 1], atol=1e-5, rtol=0)
         for pos in range(prompt_len, L):
-            step = model.decode_one_token(idx[:, pos], pos if pos_as == "int" else torch.tensor([pos]), caches)
+            step = decoder.decode_one_token(idx[:, pos], pos, caches)
             torch.testing.assert_close(step, full[:, pos], atol=1e-5, rtol=0, msg=f"position {pos}")
 
 
@@ -221,7 +223,7 @@ def test_chunked_cached_forward_matches_uncached(attention):
 
 @pytest.mark.slow
 def test_compiled_decode_generates_like_eager():
-    """sample.CompiledDecoder (torch.compile of the static-shape decode; a CUDA graph with mode='reduce-overhead' on
+    """CompiledDecoder (torch.compile of the static-shape decode; a CUDA graph with mode='reduce-overhead' on
     a GPU) samples exactly the tokens of eager decoding with the same seed, and its logits match within float
     tolerance."""
     torch.manual_seed(21)
@@ -312,22 +314,25 @@ def test_explicit_fast_and_fused_attention_agree(train):
         explicit = model(idx)
         for kind in ("fast", "fused"):
             model.set_attention(kind)
-            assert all(b.attn.kind == kind for b in model.blocks)
+            assert all(b.attn.attend is ATTENTIONS[kind] for b in model.blocks)
             torch.testing.assert_close(model(idx), explicit, atol=1e-5, rtol=0, msg=kind)
 
 
 def test_fast_attention_switches_every_dropout_to_the_cheap_mask():
     """set_attention("fast") gives every dropout of the model (embedding, attention weights, MLP) the cheap CPU mask,
-    and the other kinds take it back; in eval mode a dropout is the identity either way."""
+    'fused' a FastDropout without it, 'explicit' nn.Dropout back; in eval mode a dropout is the identity either way."""
     torch.manual_seed(8)
     model = small_gpt("fast", dropout=0.3)
-    dropouts = [m for m in model.modules() if isinstance(m, Dropout)]
-    assert len(dropouts) == 1 + 2 * model.cfg.depth and all(d.cheap_mask for d in dropouts)
+    dropouts = lambda: [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]  # noqa: E731
+    assert len(dropouts()) == 1 + 2 * model.cfg.depth
+    assert all(isinstance(d, FastDropout) and d.cheap_mask and d.p == 0.3 for d in dropouts())
     idx = torch.randint(0, model.cfg.vocab_size, (2, 10))
     with torch.no_grad():
         fast_eval = model(idx)
+        model.set_attention("fused")
+        assert all(isinstance(d, FastDropout) and not d.cheap_mask for d in dropouts())
         model.set_attention("explicit")
-        assert not any(d.cheap_mask for d in dropouts)
+        assert all(type(d) is torch.nn.Dropout and d.p == 0.3 and not d.training for d in dropouts())
         torch.testing.assert_close(model(idx), fast_eval, atol=1e-5, rtol=0)
         torch.manual_seed(1)
         a = model.train()(idx)
@@ -525,6 +530,5 @@ def test_cheap_dropout_matches_f_dropout_statistics(p):
     y.sum().backward()
     torch.testing.assert_close(x.grad, kept.float() / (1 - p))
     for q, want in ((0.0, x), (1.0, torch.zeros_like(x))):   # the edges go to nn.Dropout
-        d = Dropout(q).train()
-        d.cheap_mask = True
+        d = FastDropout(q, cheap_mask=True).train()
         assert torch.equal(d(x), want)

@@ -13,6 +13,7 @@ import pytest
 import soundfile as sf
 import torch
 
+import cli
 import data
 import sample
 from conftest import run
@@ -97,8 +98,8 @@ def test_each_note_gets_its_own_pitch_and_velocity_tokens(trained, tmp_path, mon
 def test_bad_velocity_lists_name_the_flag(trained, tmp_path):
     for value in ("25,x", "25,200", "-", ""):
         with pytest.raises(argparse.ArgumentTypeError, match="velocity"):
-            sample.velocities(value)
-    assert sample.velocities("127,25-27,25") == [127, 25, 26, 27]  # in the order given, each once
+            cli.velocities(value)
+    assert cli.velocities("127,25-27,25") == [127, 25, 26, 27]  # in the order given, each once
     work, out, _ = trained
     result = run("sample.py", "--ckpt", str(out / "best.pt"), "--velocity", "25,200", "--out-dir", str(tmp_path),
                  cwd=work)

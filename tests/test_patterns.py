@@ -8,8 +8,7 @@ import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
 from conftest import FAST, read_log, run
-from model import GPT, GPTConfig
-from sample import CompiledDecoder
+from model import GPT, CompiledDecoder, GPTConfig, StaticDecoder
 from data import CODEBOOK_SIZE
 from tokenizer import CodecTokenizer
 
@@ -46,15 +45,15 @@ def test_multistream_logits_have_one_row_per_stream(pattern):
 @pytest.mark.parametrize("pattern", MULTI)
 def test_cached_decoding_matches_uncached(pattern, attention):
     """prefill + one step at a time against the KV cache gives the full forward's logits, for every stream, with
-    an int position (cache sliced) and a tensor one (the static shapes of compiled decoding)."""
+    GPT's cache (sliced to the filled prefix) and StaticDecoder's (the static shapes of compiled decoding)."""
     model, tok, tokens = multistream(pattern, attention=attention, seed=1)
     with torch.no_grad():
         full = model(tokens)
-        for pos_as in (int, torch.tensor):
-            caches = model.new_caches(2, tokens.shape[-1])
+        for decoder in (model, StaticDecoder(model)):
+            caches = decoder.new_caches(2, tokens.shape[-1])
             torch.testing.assert_close(model.prefill(tokens[..., :5], caches), full[:, :, 4], atol=1e-5, rtol=0)
             for pos in range(5, tokens.shape[-1]):
-                step = model.decode_one_token(tokens[..., pos], pos if pos_as is int else torch.tensor([pos]), caches)
+                step = decoder.decode_one_token(tokens[..., pos], pos, caches)
                 torch.testing.assert_close(step, full[:, :, pos], atol=1e-5, rtol=0, msg=f"position {pos}")
 
 
