@@ -24,6 +24,7 @@ codec.codec_loss, and what a long run needs around the loop is long_run.py's, as
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,8 +38,9 @@ from checkpoint import save_checkpoint
 from cli import pick_device, positive, train_or_exit
 from codec_extras import discriminator_loss, evaluate, generator_losses, make_discriminator
 from codec_kinds import CODEC_FILE_KIND
-from data import FRAME_RATE, HOP, DataError, EncodedFiles, labels_of, read_audio, report_skipped
+from data import FRAME_RATE, HOP, DataError, EncodedFiles, find_audio, labels_of, read_audio, report_skipped
 from figures import codec_curves
+from files import atomic_write
 from long_run import LongRun, checkpoint_to_resume
 from prepare import resolve_data
 
@@ -61,10 +63,14 @@ class Settings:
     batch_size: int = 16                 # crops per step
     crop_frames: int = 32                # 75 frames per second
     crop_slack: int = 35                 # crops may reach this many frames past `seconds`
+    pitch_shift: float = 0.0             # each crop resampled up to this many semitones up or down, its f0 with it
     lr: float = 1e-3
     adversarial: bool = False            # add EnCodec's multi-scale STFT discriminator
     eval_interval: int = 250
     eval_bandwidths: list[float] = field(default_factory=lambda: [1.5, 6.0])
+    eval_notes: int = 150                # held-out notes evaluated, spread evenly over the split
+    test_notes: int = 300                # at the end: this many of the test split's (instruments never trained on)
+    test_folders: list[str] = field(default_factory=list)   # at the end: these folders' notes too
     no_pitch_eval: bool = False
     device: str = "auto"
     seed: int = 0
@@ -73,7 +79,7 @@ class Settings:
 
 # Flags that define the data, the codec and its training: on --resume they come from the checkpoint
 RUN_FLAGS = ("data", "data_dir", "synthetic_notes", "seconds", "size", "width", "batch_size", "lr", "crop_frames",
-             "crop_slack", "adversarial", "seed")
+             "crop_slack", "pitch_shift", "adversarial", "seed")
 
 
 def train(args: Settings) -> C.CodecModel:
@@ -145,25 +151,39 @@ def train(args: Settings) -> C.CodecModel:
             if run.step_done(it, loss):                   # a signal came: save this step, exit 128 + N
                 run.stop(it + 1, checkpoint(it + 1, run.last_metrics))
     if run.master:
+        test(raw_model, args, run.out_dir)
         print(f"done: the codec is {run.out_dir / 'codec.pt'}")
     return raw_model
 
 
 def crops(notes: dict, args: Settings, batches: torch.Generator, rank: int, world: int):
     """One step's batch, drawn the same on every rank: --batch-size notes, a crop of --crop-frames of each (a share
-    ONSET_CROPS at the onset) and one number of levels (a bandwidth) for all. Returns this rank's share: audio (B,
-    samples) and teacher f0 (B,), and the levels."""
+    ONSET_CROPS at the onset), each shifted by up to --pitch-shift semitones, and one number of levels (a bandwidth)
+    for all. Returns this rank's share: audio (B, samples) and teacher f0 (B,), and the levels."""
     idx = torch.randint(len(notes["train"]), (args.batch_size,), generator=batches)
     start = torch.randint(notes["frames"] + args.crop_slack - args.crop_frames + 1, (args.batch_size,),
                           generator=batches) * HOP
     at_onset = torch.rand(args.batch_size, generator=batches) < ONSET_CROPS
     start = torch.where(at_onset, 0, start)
+    semitones = (2 * torch.rand(args.batch_size, generator=batches) - 1) * args.pitch_shift
     levels = list(C.BANDWIDTH_LEVELS.values())[int(torch.randint(len(C.BANDWIDTH_LEVELS), (1,), generator=batches))]
     share = args.batch_size // world
     mine = slice(rank * share, (rank + 1) * share)
-    audio = torch.stack([notes["train"][i, s:s + args.crop_frames * HOP]
-                         for i, s in zip(idx[mine].tolist(), start[mine].tolist())])
-    return audio, notes["train_f0"][idx[mine]], levels
+    audio = torch.stack([shifted(notes["train"][i], s, args.crop_frames * HOP, st)
+                         for i, s, st in zip(idx[mine].tolist(), start[mine].tolist(), semitones[mine].tolist())])
+    return audio, notes["train_f0"][idx[mine]] * 2 ** (semitones[mine] / 12), levels
+
+
+def shifted(note: torch.Tensor, start: int, length: int, semitones: float) -> torch.Tensor:
+    """length samples of note from start, played 2^(semitones/12) times as fast (a tape's pitch shift: the pitch and
+    the partials move together, the note's time with them). Trains the codec on pitches between and beyond the
+    set's keys: a codec trained on MIDI 40-88 alone never learns the f0 classes of a drop-tuned low string."""
+    if not semitones:
+        return note[start:start + length]
+    n = round(length * 2 ** (semitones / 12))
+    crop = torch.nn.functional.pad(note[start:start + n], (0, max(0, start + n - len(note))))
+    return torch.nn.functional.interpolate(crop[None, None, None], size=(1, length), mode="bilinear",
+                                           antialias=True, align_corners=False)[0, 0, 0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -177,6 +197,70 @@ def evaluation(model: C.CodecModel, notes: dict, args: Settings) -> dict:
     result.pop("audio")
     first = result[f"bw{float(args.eval_bandwidths[0])}"]
     return {"val_loss": first["loss"], "bandwidths": result}
+
+
+def test(model: C.CodecModel, args: Settings, out_dir: Path) -> dict:
+    """At the end, the evaluation on notes of instruments never trained on: --test-notes of the test split (where
+    the set has one) and each --test-folders folder. Printed, written to OUT_DIR/test.json, and a few notes of each
+    instrument heard and seen on OUT_DIR/reconstructions/index.html."""
+    files = resolve_data(args.data, args.data_dir, args.synthetic_notes, args.seed).get("test", [])
+    sets = {"test split": spread(files, args.test_notes)} if files else {}
+    sets.update({folder: find_audio(folder) for folder in args.test_folders})
+    results, lines, page_notes = {}, [], []
+    for what, chosen in sets.items():
+        audio, f0 = read_notes(chosen, round(args.seconds * FRAME_RATE), what)
+        results[what] = evaluation(model, {"valid": audio, "valid_f0": f0}, args)["bandwidths"]
+        lines.append(f"{what}, {len(audio)} notes: " + summary_line({"iter": None, "bandwidths": results[what]}))
+        print(lines[-1])
+        page_notes += [(what, path) for path in page_picks(chosen)]
+    if results:
+        atomic_write(out_dir / "test.json", lambda f: f.write(json.dumps(results, indent=1).encode()))
+        page = reconstruction_page(model, page_notes, args, out_dir / "reconstructions", lines)
+        print(f"reconstructions of {len(page_notes)} of them: {page}")
+    return results
+
+
+def page_picks(files: list[Path], per_instrument: int = 4, per_folder: int = 8) -> list[Path]:
+    """The notes the reconstruction page shows: a few of each instrument of an NSynth-style set (spread over its
+    pitches and velocities), else a few of the folder."""
+    instruments = {}
+    for f in files:
+        instruments.setdefault(f.stem.rsplit("-", 2)[0] if f.stem.count("-") >= 2 else "", []).append(f)
+    if "" in instruments:
+        return spread(files, per_folder)
+    return [f for group in instruments.values() for f in spread(group, per_instrument)]
+
+
+def reconstruction_page(model: C.CodecModel, notes: list[tuple[str, Path]], args: Settings, out_dir: Path,
+                        lines: list[str]) -> Path:
+    """Each note and its reconstruction at each --eval-bandwidths as WAVs with spectrograms, and the page."""
+    import soundfile as sf
+
+    from figures import spectrogram
+    from page import Reconstruction, write_reconstruction_page
+    out_dir.mkdir(parents=True, exist_ok=True)
+    audio = torch.from_numpy(np.stack([read_audio(p, round(args.seconds * FRAME_RATE) * HOP) for _, p in notes]))
+    was_training = model.training
+    model.eval()
+    played = {"original": audio}
+    with torch.no_grad():
+        for bw in args.eval_bandwidths:
+            model.set_target_bandwidth(bw)
+            device = next(model.parameters()).device
+            played[str(bw)] = torch.cat([model.decode(model.encode(x.to(device))).cpu() for x in audio.split(8)])
+    model.train(was_training)
+    rows = []
+    for i, (what, path) in enumerate(notes):
+        wavs, f0 = {}, {}
+        for key, batch in played.items():
+            wav = out_dir / f"{i:03d}-{path.stem}-{'original' if key == 'original' else key + 'kbps'}.wav"
+            sound = batch[i].numpy()
+            sf.write(wav, sound, C.SAMPLE_RATE)
+            f0[key] = pitch.estimate_f0(sound, C.SAMPLE_RATE)
+            spectrogram(sound, C.SAMPLE_RATE, wav.with_suffix(".png"), f"{path.name}\n{key}", {"f0": f0[key]})
+            wavs[key] = wav
+        rows.append(Reconstruction(what, path.name, wavs.pop("original"), {float(k): w for k, w in wavs.items()}, f0))
+    return write_reconstruction_page(out_dir, rows, lines)
 
 
 def pitch_and_level_kept(originals, reconstructions) -> dict:
@@ -193,6 +277,8 @@ def summary_line(m: dict) -> str:
         ppl = "/".join(f"{p:.0f}" for p in r["perplexity"][:4])
         parts.append(f"{bw[2:]} kbps: SI-SNR {r['si_snr_db']:.1f} dB, mel {r['mel_distance']:.3f}, "
                      f"perplexity {ppl}{'/...' if len(r['perplexity']) > 4 else ''}{kept}")
+    if m["iter"] is None:
+        return "; ".join(parts)
     train = f"train loss {m['train_loss']:.3f}, " if m["train_loss"] is not None else ""
     return f"iter {m['iter']}: {train}" + "; ".join(parts)
 
@@ -202,27 +288,39 @@ def summary_line(m: dict) -> str:
 
 def load_notes(args: Settings, verbose: bool = True) -> dict:
     """{'train': (N, samples), 'train_f0': (N,), 'valid': (M, frames * HOP), 'valid_f0': (M,), 'frames'}: the first
-    --seconds of each note (training notes a little longer, for the crops), unreadable files skipped with their
-    reason. The teacher f0 is NaN where a note has neither a label nor a measurable pitch."""
+    --seconds of each note (training notes a little longer, for the crops; --eval-notes of the held-out ones, spread
+    over the split), unreadable files skipped with their reason. The teacher f0 is NaN where a note has neither a
+    label nor a measurable pitch."""
     files = resolve_data(args.data, args.data_dir, args.synthetic_notes, args.seed)
     frames = round(args.seconds * FRAME_RATE)
     notes = {"frames": frames}
     for name, length in (("train", frames + args.crop_slack), ("valid", frames)):
-        audio, used, skipped = [], [], []
-        for f in tqdm(files[name], desc=f"reading {name}", unit="file", disable=None if verbose else True):
-            try:
-                audio.append(read_audio(f, length * HOP))
-                used.append(f)
-            except DataError as e:
-                skipped.append((f, str(e)))
-        if verbose:
-            report_skipped(name, EncodedFiles(np.zeros((0,)), used, skipped))
-        if not audio:
-            raise DataError(f"no readable audio in the {name} split of --data {args.data} "
-                            f"({len(skipped)} files, all skipped)")
-        notes[name] = torch.from_numpy(np.stack(audio))
-        notes[f"{name}_f0"] = teacher_f0(used, notes[name])
+        chosen = files[name] if name == "train" else spread(files[name], args.eval_notes)
+        notes[name], notes[f"{name}_f0"] = read_notes(chosen, length, f"the {name} split of --data {args.data}",
+                                                      verbose)
     return notes
+
+
+def spread(files: list[Path], n: int) -> list[Path]:
+    """n of the files, evenly spaced over the sorted list (every instrument, pitch and velocity of a sorted set)."""
+    return files if len(files) <= n else [files[i] for i in np.linspace(0, len(files) - 1, n).round().astype(int)]
+
+
+def read_notes(files: list[Path], frames: int, what: str, verbose: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first frames of each readable file (N, frames * HOP) and its teacher f0 (N,); the others reported."""
+    audio, used, skipped = [], [], []
+    for f in tqdm(files, desc=f"reading {what}", unit="file", disable=None if verbose else True):
+        try:
+            audio.append(read_audio(f, frames * HOP))
+            used.append(f)
+        except DataError as e:
+            skipped.append((f, str(e)))
+    if verbose:
+        report_skipped(what, EncodedFiles(np.zeros((0,)), used, skipped))
+    if not audio:
+        raise DataError(f"no readable audio in {what} ({len(skipped)} files, all skipped)")
+    audio = torch.from_numpy(np.stack(audio))
+    return audio, teacher_f0(used, audio)
 
 
 def teacher_f0(files: list[Path], audio: torch.Tensor) -> torch.Tensor:
@@ -259,6 +357,9 @@ def parse_args(argv=None) -> Settings:
                    help="frames per training crop (75 per second) (default: %(default)s)")
     t.add_argument("--crop-slack", type=int, help="crops may reach this many frames past --seconds (default: "
                                                   "%(default)s)")
+    t.add_argument("--pitch-shift", type=float,
+                   help="shift each training crop by a random number of semitones up to this, up or down, its "
+                        "teacher f0 with it (default: %(default)s)")
     t.add_argument("--lr", type=positive(float), help="Adam learning rate (default: %(default)s)")
     t.add_argument("--adversarial", action="store_true",
                    help="add EnCodec's multi-scale STFT discriminator (hinge loss + feature matching)")
@@ -266,6 +367,13 @@ def parse_args(argv=None) -> Settings:
                    help="evaluate on the held-out notes and save every N steps (default: %(default)s)")
     t.add_argument("--eval-bandwidths", type=float, nargs="+", choices=sorted(C.BANDWIDTH_LEVELS),
                    help="kbps evaluated (default: 1.5 6)")
+    t.add_argument("--eval-notes", type=positive(int),
+                   help="held-out notes evaluated, spread over the valid split (default: %(default)s)")
+    t.add_argument("--test-notes", type=positive(int),
+                   help="at the end, notes of the test split evaluated (instruments never trained on) "
+                        "(default: %(default)s)")
+    t.add_argument("--test-folders", nargs="+", metavar="FOLDER",
+                   help="at the end, evaluate on these folders' notes too (e.g. recorded guitars)")
     t.add_argument("--no-pitch-eval", action="store_true",
                    help="skip pitch and level kept in evaluations (for tests)")
     t.add_argument("--device", choices=("auto", "cpu", "cuda"), help="(default: %(default)s)")

@@ -6,6 +6,7 @@ import math
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
 
@@ -45,6 +46,22 @@ def test_a_few_steps_write_codec_file_log_and_curves(codec_run):
             assert len(m["perplexity"]) == levels and all(1 <= p <= 1024 for p in m["perplexity"])
             assert {"si_snr_db", "mel_distance", "pitch_kept", "pitch_measured"} <= set(m)
     assert (out / "codec.pt").is_file() and (out / "ckpt.pt").is_file() and (out / "curves.png").is_file()
+
+
+def test_pitch_shift_moves_a_crop_and_its_teacher_f0_together():
+    """--pitch-shift: each crop played faster or slower; its label moves by the same ratio as its measured pitch."""
+    from data import HOP, SAMPLE_RATE
+    from pitch import estimate_f0
+    t = np.arange(3 * SAMPLE_RATE) / SAMPLE_RATE
+    notes = {"train": torch.from_numpy(np.sin(2 * np.pi * 220 * t).astype(np.float32))[None].repeat(8, 1),
+             "train_f0": torch.full((8,), 220.0), "frames": 75}
+    args = train_codec.parse_args(["--pitch-shift", "4", "--batch-size", "8", "--crop-frames", "40"])
+    audio, f0, _ = train_codec.crops(notes, args, torch.Generator().manual_seed(0), rank=0, world=1)
+    assert audio.shape == (8, 40 * HOP)
+    measured = np.array([estimate_f0(a.numpy(), SAMPLE_RATE) for a in audio])
+    assert np.ptp(f0.numpy()) > 50                                  # shifted by different amounts, up to 4 semitones
+    assert np.all(np.abs(1200 * np.log2(measured / f0.numpy())) < 10)
+    assert bool(((f0 >= 220 * 2 ** (-4 / 12) - 1e-3) & (f0 <= 220 * 2 ** (4 / 12) + 1e-3)).all())
 
 
 def test_resume_is_exact(codec_run, tmp_path):
