@@ -68,8 +68,8 @@ class Settings:
     adversarial: bool = False            # add EnCodec's multi-scale STFT discriminator
     eval_interval: int = 250
     eval_bandwidths: list[float] = field(default_factory=lambda: [1.5, 6.0])
-    eval_notes: int = 150                # held-out notes evaluated, spread evenly over the split
-    test_notes: int = 300                # at the end: this many of the test split's (instruments never trained on)
+    eval_notes: int = 100                # held-out notes evaluated, spread evenly over the split
+    test_notes: int = 200                # at the end: this many of the test split's (instruments never trained on)
     test_folders: list[str] = field(default_factory=list)   # at the end: these folders' notes too
     no_pitch_eval: bool = False
     device: str = "auto"
