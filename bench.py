@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import data
 import prepare
 from files import atomic_write
-from guards import NonFiniteSteps
+from long_run import NonFiniteSteps
 from cli import native_bf16
 from model import GPT, CompiledDecoder, GPTConfig
 
@@ -273,7 +273,7 @@ def bench_training(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The non-finite step guard (guards.py): what train.py's step costs with it
+# The non-finite step guard (long_run.py): what train.py's step costs with it
 
 def bench_guard(args) -> None:
     """train.py's step (forward, cross-entropy, backward, clip_grad_norm_, AdamW) as it was before the guard

@@ -6,8 +6,9 @@ Checkpoints that must not be trusted blindly.
   always uses weights_only=True (a checkpoint can hold tensors and plain values only, never code to run), checks
   the digest when there is one (checkpoints from before it have none and still load), and turns every problem
   into a CheckpointError of one line naming the file. Written with files.atomic_write, as every file is.
+- upgraded: a checkpoint of an older version in today's form, the one place that knows older checkpoints.
 - model_from_checkpoint, tokenizer_from_checkpoint: the model and tokenizer train.py saved, rebuilt (its codec:
-  data.codec_from_checkpoint; all three, checked to fit, for sampling: sample.load_model).
+  codec_kinds.codec_from_checkpoint; all three, checked to fit, for sampling: sample.load_model).
 """
 from __future__ import annotations
 
@@ -79,6 +80,20 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         if saved != digest(ckpt):
             raise CheckpointError(f"{path}: damaged: its contents no longer match the SHA-256 digest saved with "
                                   "them (bytes changed on disk after it was written)")
+    return ckpt
+
+
+def upgraded(ckpt: dict) -> dict:
+    """A checkpoint of an older version in today's form, for --resume (docs/training.md says which versions)."""
+    if "tokenizer" in ckpt and isinstance(ckpt.get("args"), dict):  # train.py's, from before --pattern
+        ckpt["args"].setdefault("pattern", "flatten")
+    optimizer = ckpt.get("optimizer")  # saved before the non-finite step guard, which needs a fused step
+    for group in optimizer.get("param_groups", []) if isinstance(optimizer, dict) else []:
+        if isinstance(group, dict):
+            group.update(fused=True, foreach=None)
+    interval = ckpt.get("interval")  # train_codec.py's first stop checkpoints
+    if isinstance(interval, dict) and "loss_sum" in interval:
+        interval["train_loss_sum"] = interval.pop("loss_sum")
     return ckpt
 
 

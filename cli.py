@@ -1,6 +1,6 @@
-"""Command-line plumbing shared by train.py and sample.py: flag values checked with a message that names the flag
-(argparse adds the name), the flags both programs take (--device, --attention, --codec-weights) and how their
-defaults are resolved, and the one-line exit for a user's mistake. bench.py uses the device checks too."""
+"""Command-line plumbing shared by the programs: flag values checked with a message that names the flag (argparse adds
+the name), the flags train.py and sample.py both take (--device, --attention, --codec-weights) and how their defaults
+are resolved, and the one-line exit for a user's mistake (run_or_exit; train_or_exit for the trainers)."""
 from __future__ import annotations
 
 import argparse
@@ -10,11 +10,11 @@ import sys
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 from checkpoint import CheckpointError
-from data import DataError
-from files import WriteError
-from guards import Diverged, Stopped
+from files import DataError, WriteError
+from long_run import Diverged, Stopped
 from model import ATTENTION_KINDS
 from tokenizer import MIDI_VALUES, NSYNTH_SOURCES
 
@@ -145,3 +145,16 @@ def run_or_exit(program: Callable[[], object]) -> None:
         sys.exit(f"error{where}: {e}")
     except Stopped as e:  # by a signal, after saving what there was to save (the program said how to go on)
         sys.exit(e.status)
+
+
+def train_or_exit(train: Callable[[], object]) -> None:
+    """run_or_exit for a trainer: a second Ctrl-C too (exit status 130: the last checkpoint is in place), and under
+    torchrun the process group closed at the end."""
+    try:
+        run_or_exit(train)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        print("interrupted; the last checkpoint is in place, continue with --resume", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

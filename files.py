@@ -1,16 +1,13 @@
 """
-Files that must survive a kill: the one way codecgpt writes what a later run reads, and the one reader of a
-training log. Standard library only, so that every other file can import it (figures.py and pitch.py need no
-torch to write a picture).
+Files that must survive a kill, and the errors the programs print as one line. Standard library only, so that every
+other file can import it.
 
-- atomic_write: every file written for later (checkpoints, the token cache, the rewritten training log, the
-  fitted untrained codec, pictures) goes to a temporary file in the same folder, is flushed to disk and renamed
-  over the old one, so a reader sees the old file or the new one, never part of one, even after a kill.
-- read_log / append_log / rewrite_log: log.jsonl, one JSON object per evaluation (train.py and train_codec.py
-  append them; figures.py draws them; --resume cuts the log back to the checkpoint it continues from).
-- WriteError: what both writers raise when the disk is full or any other write fails, after putting things back:
-  the file keeps its previous complete version and no temporary file is left. One line naming the file and the
-  free space left, which the programs print as their error.
+- atomic_write: every file written for later goes to a temporary file beside it, is flushed to disk and renamed over
+  the old one, so that a reader sees the old file or the new one, never part of one.
+- read_log / append_log / rewrite_log: log.jsonl, one JSON object per evaluation (--resume cuts it back to the
+  checkpoint it continues from).
+- WriteError: a write that failed (a full disk...), after putting things back: the file keeps its previous version.
+- DataError: a problem with the user's files or settings, naming the file or flag.
 """
 from __future__ import annotations
 
@@ -21,8 +18,12 @@ from pathlib import Path
 from typing import IO, Callable
 
 
+class DataError(Exception):
+    """A problem with the user's data or settings, reported as one line naming the file or flag."""
+
+
 class WriteError(OSError):
-    """A file that could not be written (a full disk, a quota, a folder that cannot be written to), as one line."""
+    """A file that could not be written (a full disk, a quota, a read-only folder), as one line."""
 
 
 def write_error(path: Path, e: OSError) -> WriteError:
@@ -37,9 +38,8 @@ def write_error(path: Path, e: OSError) -> WriteError:
 
 
 def os_error_behind(e: BaseException) -> OSError | None:
-    """The OSError that e is, or that it was raised while handling: torch.save reports a full disk as a RuntimeError
-    of its zip writer ("unexpected pos"), raised while closing the archive after the OSError (found on a real full
-    tmpfs, tests/test_guards.py)."""
+    """The OSError that e is, or that it was raised while handling (torch.save reports a full disk as a RuntimeError
+    of its zip writer, raised after the OSError: docs/troubleshooting.md)."""
     seen = set()
     while isinstance(e, Exception) and id(e) not in seen:
         if isinstance(e, OSError):
@@ -80,8 +80,8 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None
 # log.jsonl
 
 def read_log(path: str | Path) -> list[dict]:
-    """The evaluations in a log.jsonl: every line that is a JSON object with an integer "iter". A line cut short
-    by a kill is skipped rather than failing, so that the curves of a broken run can still be drawn."""
+    """The evaluations in a log.jsonl: every line that is a JSON object with an integer "iter" (not one cut short
+    by a kill)."""
     entries = []
     for line in Path(path).read_text(errors="replace").splitlines():
         try:
@@ -94,8 +94,7 @@ def read_log(path: str | Path) -> list[dict]:
 
 
 def append_log(path: str | Path, entry: dict) -> None:
-    """One evaluation, one line. If the line cannot be written whole (a full disk), the part written is cut off
-    again, so that the log keeps its earlier lines and the next line does not start in the middle of a broken one."""
+    """One evaluation, one line; a line that cannot be written whole (a full disk) is cut off again."""
     path, line = Path(path), (json.dumps(entry) + "\n").encode()
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -115,10 +114,8 @@ def append_log(path: str | Path, entry: dict) -> None:
 
 
 def rewrite_log(path: str | Path, last: dict) -> None:
-    """Make the log end with the last evaluation of the checkpoint we resume from: drop evaluations logged after
-    it (the run was killed between writing the log and the checkpoint) and lines cut short, and put the
-    checkpoint's own back. A checkpoint written between evaluations (a run stopped by a signal) holds the
-    evaluation before it, which is where its log ends too: the steps after it have no line until the next one."""
+    """Make the log end with `last`, the evaluation the checkpoint we resume from holds: lines after it (logged
+    before a kill, with no checkpoint) and lines cut short are dropped."""
     kept = [entry for entry in read_log(path) if entry["iter"] < last["iter"]] if Path(path).exists() else []
     kept.append(last)
     atomic_write(path, lambda f: f.write("".join(json.dumps(entry) + "\n" for entry in kept).encode()))

@@ -1,6 +1,7 @@
 """
 The samples page: OUT_DIR/index.html, written by every sample.py run beside its WAVs, to listen to the notes and look
-at them side by side in a browser.
+at them side by side in a browser; and the codec's reconstruction page (write_reconstruction_page), written by
+train_codec.py: held-out notes beside what the codec gives back of them.
 
 One row per note: an <audio controls> player, the note's spectrogram (figures.spectrogram), what was asked (pitch,
 velocity, source, guidance, temperature, seed, checkpoint) and, after `sample.py --report`, what was measured
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import html
 import math
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from urllib.parse import quote
@@ -35,6 +37,7 @@ td.file { max-width: 22em; overflow-wrap: anywhere; }
 td.asked, td.measured { white-space: nowrap; }
 audio { display: block; width: 18em; margin-top: .3em; }
 img { display: block; width: 448px; height: auto; }
+img.small { width: 320px; }
 .miss { color: #b00020; }
 .hit { color: #17702a; }
 """
@@ -119,21 +122,69 @@ def write_samples_page(out_dir: str | Path, settings: dict[str, str], notes: lis
                     f'<td class="measured">{measured_cell(note, summary is not None)}</td>'
                     f"<td>{picture}</td></tr>")
     run = " · ".join(f"{label} {value}" for label, value in settings.items())
+    return write_page(out_dir, "codecgpt samples", f"{len(notes)} notes · {run}", summary_html,
+                      ["#", "note", "asked", "measured", "spectrogram"], rows)
+
+
+@dataclass
+class Reconstruction:
+    """One held-out note through the codec: its WAV, the WAVs the codec gave back at each bandwidth (kbps -> path),
+    each with a spectrogram PNG beside it, and pitch.py's f0 of each (Hz; NaN where none was found)."""
+    what: str                       # the set it comes from (the test split, a folder)
+    name: str                       # the note's file name there
+    original: Path
+    reconstructions: dict[float, Path]
+    f0: dict[str, float]            # "original" and each bandwidth's str(kbps) -> Hz
+
+
+def write_reconstruction_page(out_dir: str | Path, notes: list[Reconstruction], summary_lines: list[str]) -> Path:
+    """OUT_DIR/index.html of a codec's reconstructions (train_codec.py writes it at the end): per note the original
+    and what the codec gave back at each bandwidth, players and spectrograms side by side, and whether the pitch
+    was kept (within 50 cents of the original's). Returns the page's path."""
+    bandwidths = sorted({bw for n in notes for bw in n.reconstructions})
+    rows = []
+    for i, note in enumerate(notes, 1):
+        cells = [player_cell(note.original, f"f0 {note.f0['original']:.1f} Hz")]
+        for bw in bandwidths:
+            f0, ref = note.f0[str(bw)], note.f0["original"]
+            cents = 1200 * math.log2(f0 / ref) if f0 > 0 and ref > 0 else math.nan
+            verdict = ('<span class="miss">no pitch found</span>' if math.isnan(cents) else
+                       f'<span class="{"hit" if abs(cents) <= 50 else "miss"}">{cents:+.0f} cents</span>')
+            cells.append(player_cell(note.reconstructions[bw], f"f0 {f0:.1f} Hz, {verdict}"))
+        rows.append(f'<tr id="note{i}"><td>{i}</td><td class="file">{esc(note.what)}<br>'
+                    f'{esc(note.name)}</td>{"".join(cells)}</tr>')
+    summary_html = "".join(f"<p>{esc(line)}</p>" for line in summary_lines)
+    return write_page(out_dir, "codecgpt codec: held-out notes and their reconstructions", f"{len(notes)} notes",
+                      summary_html, ["#", "note", "original"] + [f"{bw:g} kbps" for bw in bandwidths], rows)
+
+
+def player_cell(wav: Path, line: str) -> str:
+    """A player and the spectrogram of a WAV beside the page, and a line of what was measured on it."""
+    png = wav.with_suffix(".png")
+    return (f'<td><audio controls preload="metadata" src="{link(wav)}"></audio><small>{line}</small>'
+            f'<img class="small" src="{link(png)}" alt="spectrogram of {esc(wav.name)}"></td>')
+
+
+def write_page(out_dir: str | Path, heading: str, run: str, summary_html: str, columns: list[str],
+               rows: list[str]) -> Path:
+    """OUT_DIR/index.html: the heading, a line about the run, the summary and a table of rows (already HTML)."""
+    out_dir = Path(out_dir)
+    head = "".join(f"<th>{esc(c)}</th>" for c in columns)
     page = f"""<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <link rel="icon" href="data:,">
-<title>codecgpt samples: {esc(out_dir.resolve().name)}</title>
+<title>{esc(heading)}: {esc(out_dir.resolve().name)}</title>
 <style>{STYLE}</style>
 </head>
 <body>
-<h1>codecgpt samples</h1>
-<p class="run">{len(notes)} notes · {esc(run)} · written {datetime.now():%Y-%m-%d %H:%M}</p>
+<h1>{esc(heading)}</h1>
+<p class="run">{esc(run)} · written {datetime.now():%Y-%m-%d %H:%M}</p>
 <div class="summary">{summary_html}</div>
 <table>
-<thead><tr><th>#</th><th>note</th><th>asked</th><th>measured</th><th>spectrogram</th></tr></thead>
+<thead><tr>{head}</tr></thead>
 <tbody>
 {chr(10).join(rows)}
 </tbody>

@@ -31,9 +31,10 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
 from cli import (add_shared_flags, non_negative, pick_attention, pick_device, pitches, positive, probability,
                  run_or_exit, sources, velocities)
-from data import FRAME_RATE, HOP, SAMPLE_RATE, Codec, DataError, codec_from_checkpoint, read_audio
+from codec_kinds import codec_from_checkpoint
+from data import FRAME_RATE, HOP, SAMPLE_RATE, Codec, DataError, read_audio
 from files import atomic_write
-from guards import Stopped
+from long_run import Stopped
 from model import GPT, CompiledDecoder
 from page import write_samples_page
 from pitch import CREPE_MODEL, NoteResult, pitch_report

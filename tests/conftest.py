@@ -53,6 +53,15 @@ def read_log(out_dir) -> list[dict]:
     return files.read_log(out_dir / "log.jsonl")
 
 
+def assert_one_line(message, *facts: str) -> None:
+    """An error message as a user must get it: one line, no traceback, carrying each of the facts (the flag, the file,
+    the step...), whatever its other words."""
+    message = str(message)
+    assert "\n" not in message.strip() and "Traceback" not in message, message
+    missing = [fact for fact in facts if fact not in message]
+    assert not missing, f"{message!r} does not say {missing}"
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """One 40-step training run (conditional, the default) shared by the tests: (work folder, out folder, completed process)."""

@@ -19,6 +19,7 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 
+import codec_kinds
 import data
 from checkpoint import load_checkpoint
 from conftest import ROOT, TINY, read_log, run
@@ -43,7 +44,7 @@ BF16_RELATIVE_ERROR = 0.015
 def exact_float32():
     """TF32 off while the test runs (PyTorch's default for matmuls; train.py turns it on): float32 parity tests
     compare float32 arithmetic."""
-    with data.exact_float32():
+    with codec_kinds.exact_float32():
         yield
 
 
@@ -356,7 +357,7 @@ def test_encoding_on_cuda_gives_the_cpu_codes(fitted_codec, synthetic_folder):
     files = data.find_audio(synthetic_folder)
     frames = data.FRAME_RATE                       # the fixture's notes are 1 s long
     cpu = data.encode_files(files, fitted_codec, frames)
-    gpu_codec = data.Codec.from_identity(fitted_codec.identity()).to("cuda")
+    gpu_codec = codec_kinds.load_codec(fitted_codec.identity()).to("cuda")
     matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # as train.py runs
     try:
@@ -366,7 +367,7 @@ def test_encoding_on_cuda_gives_the_cpu_codes(fitted_codec, synthetic_folder):
     assert gpu.files == cpu.files and gpu.codes.shape == cpu.codes.shape == (len(files), 2, frames)
     share = (gpu.codes == cpu.codes).mean(axis=(0, 2))
     audio = torch.from_numpy(np.stack([data.read_audio(f, frames * data.HOP) for f in files]))
-    with torch.inference_mode(), data.exact_float32():
+    with torch.inference_mode(), codec_kinds.exact_float32():
         latents = gpu_codec.model.encoder(audio[:, None].cuda())
     excess = nearest_excess(latents, gpu.codes, fitted_codec.codebooks())
     print(f"\ncodes equal on CUDA and CPU: {', '.join(f'{s:.1%}' for s in share)} (levels 0, 1); largest excess over "
@@ -396,14 +397,14 @@ def test_torchrun_one_process_on_cuda_goes_through_nccl_and_trains(cuda_data_dir
 
 
 def test_non_finite_step_guard_never_waits_for_the_gpu():
-    """guards.NonFiniteSteps on CUDA: a finite and a NaN step through the check and fused AdamW run with
+    """long_run.NonFiniteSteps on CUDA: a finite and a NaN step through the check and fused AdamW run with
     torch.cuda.set_sync_debug_mode("error"), which raises on any host-device synchronisation; the NaN step leaves
     the weights as they were."""
-    import guards
+    import long_run
     torch.manual_seed(0)
     net = torch.nn.Linear(64, 64).cuda()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, fused=True)
-    guard = guards.NonFiniteSteps(opt, "cuda", advice="")
+    guard = long_run.NonFiniteSteps(opt, "cuda", advice="")
     x = torch.randn(8, 64, device="cuda")
     for scale in (1.0, float("nan")):
         loss = net(x).pow(2).mean() * scale

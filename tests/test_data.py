@@ -10,6 +10,7 @@ import torch
 
 import data
 import prepare
+from codec_kinds import load_codec
 from conftest import REAL_GUITAR, needs_real_guitar
 
 
@@ -92,7 +93,7 @@ def test_untrained_codec_needs_fitting_and_then_uses_many_codes(synthetic_folder
 
 def test_codec_identity_round_trip(fitted_codec):
     """A checkpoint's codec identity rebuilds a codec that encodes and decodes exactly like the original."""
-    rebuilt = data.Codec.from_identity(fitted_codec.identity())
+    rebuilt = load_codec(fitted_codec.identity())
     audio = torch.randn(2, 6400) * 0.1
     assert torch.equal(rebuilt.encode(audio), fitted_codec.encode(audio))
     codes = fitted_codec.encode(audio)

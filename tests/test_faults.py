@@ -17,7 +17,7 @@ import checkpoint
 import data
 import sample
 import train
-from conftest import FAST, FAST_ITERS, ROOT, read_log, run, without_times
+from conftest import FAST, FAST_ITERS, ROOT, assert_one_line, read_log, run, without_times
 from test_data import CountingCodec
 
 KILLS = 3
@@ -181,8 +181,7 @@ def test_damaged_checkpoint_is_one_line_naming_file_and_problem(damaged, case):
                        (train.main, ["--out-dir", str(path.parent), "--resume", "--device", "cpu"])):
         with pytest.raises(SystemExit) as exit:
             main(argv)
-        message = str(exit.value.code)
-        assert message.startswith(f"error: {path}: ") and EXPECTED[case] in message and "\n" not in message
+        assert_one_line(exit.value.code, f"error: {path}: ", EXPECTED[case])
     assert not (damaged / "marker").exists()
 
 
@@ -193,13 +192,11 @@ def test_checkpoint_for_another_model_is_one_line(damaged, fast_data_dir):
     path = damaged / "other-model" / "ckpt.pt"
     with pytest.raises(SystemExit) as exit:
         sample.main(["--ckpt", str(path), "--device", "cpu"])
-    assert str(exit.value.code).startswith(f"error: {path}: model does not match its config")
+    assert_one_line(exit.value.code, f"error: {path}: ", "does not match its config")
     path = damaged / "other-run" / "ckpt.pt"
     with pytest.raises(SystemExit) as exit:
         train.main(["--out-dir", str(path.parent), "--resume", "--device", "cpu"])
-    message = str(exit.value.code)
-    assert message.startswith(f"error: {path}: made for another model") and "dim 32 != 48" in message
-    assert "\n" not in message
+    assert_one_line(exit.value.code, f"error: {path}: ", "another model", "dim 32 != 48")
 
 
 @pytest.mark.slow
@@ -225,9 +222,7 @@ def test_pickled_checkpoint_as_the_user_sees_it(damaged):
     path = damaged / "pickled" / "ckpt.pt"
     result = run("sample.py", "--ckpt", str(path), "--device", "cpu", cwd=damaged)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [
-        f"error: {path}: refused: it holds a pickled object (posix.system), and a checkpoint may hold only tensors "
-        "and plain values"]
+    assert_one_line(result.stderr, f"error: {path}: ", "pickled object (posix.system)")
     assert not (damaged / "marker").exists()
 
 

@@ -11,17 +11,14 @@ import soundfile as sf
 import data
 import sample
 import train
-from conftest import run
+from conftest import assert_one_line, run
 
 GOOD = ["good_1.wav", "good_2.flac", "ñote with spaces, é 音.wav", "eight_channels.wav", "one_sample.wav",
         "rate_192k.wav", "thirty_minutes.wav", "truncated.wav", "truncated.mp3", "folder.wav/inside.wav"]
-BAD = {"empty.wav": "cannot read audio (Format not recognised.)",
-       "text.flac": "cannot read audio (Format not recognised.)",
-       "cut_short.mp3": "cannot read audio (damaged, or not the format its name says)",
-       "nan.wav": "samples are NaN or infinite",
-       "inf.wav": "samples are NaN or infinite",
-       "loop_a.wav": "cannot stat (Too many levels of symbolic links)",
-       "loop_b.wav": "cannot stat (Too many levels of symbolic links)"}
+# the bad files, and what the reason each is skipped with must say
+BAD = {"empty.wav": "cannot read audio", "text.flac": "cannot read audio", "cut_short.mp3": "damaged",
+       "nan.wav": "NaN or infinite", "inf.wav": "NaN or infinite", "loop_a.wav": "symbolic links",
+       "loop_b.wav": "symbolic links"}
 THIRTY_MINUTES = 30 * 60 * 48_000
 
 
@@ -40,7 +37,7 @@ def permissions_apply() -> bool:
 
 PERMISSIONS_APPLY = permissions_apply()
 if PERMISSIONS_APPLY:  # (as root this case is left out; test_unreadable_file_is_skipped_with_its_reason says so)
-    BAD["locked.wav"] = "cannot open (Permission denied)"
+    BAD["locked.wav"] = "Permission denied"
 
 
 def tone(seconds: float, sr: int, freq: float = 440.0) -> np.ndarray:
@@ -104,7 +101,8 @@ def test_each_file_is_used_or_skipped_with_its_reason(hostile, fitted_codec):
     files = data.find_audio(hostile)
     encoded = data.encode_files(files, fitted_codec, 20)
     assert sorted(f.relative_to(hostile).as_posix() for f in encoded.files) == sorted(GOOD)
-    assert {f.relative_to(hostile).as_posix(): reason for f, reason in encoded.skipped} == BAD
+    skipped = {f.relative_to(hostile).as_posix(): reason for f, reason in encoded.skipped}
+    assert skipped.keys() == BAD.keys() and all(BAD[name] in reason for name, reason in skipped.items()), skipped
     assert len(files) == len(GOOD) + len(BAD)  # nothing found twice through the looping link, nothing else
 
 
@@ -142,7 +140,8 @@ def test_train_on_the_messy_folder(hostile, tmp_path):
                         "--out-dir", str(tmp_path / "out"), cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     for name, reason in BAD.items():
-        assert f"{hostile / name}: {reason}" in result.stdout, name
+        said = [line for line in result.stdout.splitlines() if line.strip().startswith(f"{hostile / name}: ")]
+        assert len(said) == 1 and reason in said[0], name
     line = next(line for line in result.stdout.splitlines() if "training notes" in line)
     train_notes, valid_notes = int(line.split()[0]), int(line.split(", ")[1].split()[0])
     assert train_notes + valid_notes == len(GOOD)
@@ -164,7 +163,8 @@ def test_a_folder_of_only_bad_files_is_one_clear_error(tmp_path):
                         "--device", "cpu", cwd=tmp_path)
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if not line.startswith("[src/libmpg123")]
-    assert len(errors) == 1 and errors[0].startswith(f"error: --data {folder}: no readable audio"), result.stderr
+    assert len(errors) == 1, result.stderr
+    assert_one_line(errors[0], "error:", f"--data {folder}", "no readable audio")
 
 
 @pytest.mark.skipif(not PERMISSIONS_APPLY, reason="running as root, which reads files whatever their permissions")
@@ -175,7 +175,7 @@ def test_unreadable_file_is_skipped_with_its_reason(tmp_path, fitted_codec):
     os.chmod(tmp_path / "locked.wav", 0)
     encoded = data.encode_files(data.find_audio(tmp_path), fitted_codec, 20)
     assert [f.name for f in encoded.files] == ["good.wav"]
-    assert [(f.name, reason) for f, reason in encoded.skipped] == [("locked.wav", "cannot open (Permission denied)")]
+    assert [f.name for f, _ in encoded.skipped] == ["locked.wav"] and "Permission denied" in encoded.skipped[0][1]
 
 
 @pytest.mark.parametrize("program,flag,value", [
@@ -194,4 +194,4 @@ def test_batch_not_divisible_among_micro_steps_is_refused(tmp_path):
     """--batch-size must split evenly into --grad-accum micro-steps: one line naming both flags."""
     with pytest.raises(SystemExit) as exit:
         train.main(["--batch-size", "10", "--grad-accum", "4", "--device", "cpu", "--out-dir", str(tmp_path)])
-    assert str(exit.value.code) == "error: --batch-size 10 must be a multiple of --grad-accum 4 x 1 processes"
+    assert_one_line(exit.value.code, "error:", "--batch-size 10", "--grad-accum 4")

@@ -176,3 +176,28 @@ def wav_bytes() -> bytes:
     buffer = io.BytesIO()
     sf.write(buffer, np.zeros(1600, np.float32), 16_000, format="WAV")
     return buffer.getvalue()
+
+
+def test_a_few_codec_steps_on_rendered_notes(rendered, tmp_path):
+    """train_codec.py --data soundfont-guitar: the teacher f0 is each note's label, and at the end the test split's
+    instrument (never trained on) is evaluated, written to test.json and shown on the reconstruction page."""
+    import train_codec
+    from pitch import midi_to_hz
+    args = train_codec.parse_args(["--data", "soundfont-guitar", "--data-dir", str(rendered), "--out-dir",
+                                   str(tmp_path), "--max-iters", "2", "--eval-interval", "2", "--width", "32",
+                                   "--batch-size", "4", "--seconds", "0.4", "--crop-frames", "16", "--crop-slack",
+                                   "4", "--eval-notes", "2", "--test-notes", "3", "--pitch-shift", "2",
+                                   "--device", "cpu"])
+    notes = train_codec.load_notes(args, verbose=False)
+    train = data.find_audio(rendered / "soundfont-guitar" / "soundfont-guitar-train")
+    assert len(notes["train"]) == len(train) and len(notes["valid"]) == 2
+    labels = [midi_to_hz(int(f.stem.split("-")[1])) for f in train]
+    assert np.allclose(notes["train_f0"].numpy(), labels)
+    train_codec.train(args)
+    result = json.loads((tmp_path / "test.json").read_text())
+    assert list(result) == ["test split"] and set(result["test split"]) == {"bw1.5", "bw6.0"}
+    assert result["test split"]["bw6.0"]["pitch_measured"] <= 3
+    page = (tmp_path / "reconstructions" / "index.html").read_text()
+    assert page.count('<tr id="note') == 3 and page.count("<audio") == 9   # original, 1.5 and 6 kbps
+    for wav in (tmp_path / "reconstructions").glob("*.wav"):
+        assert wav.name in page and wav.with_suffix(".png").is_file()
