@@ -51,7 +51,8 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cli import run_or_exit
-from data import (DEFAULT_FRAMES, HOP, SAMPLE_RATE, DataError, _kmeans, _nearest, find_audio, load_examples_json,
+from codec import kmeans, nearest
+from data import (DEFAULT_FRAMES, HOP, SAMPLE_RATE, DataError, find_audio, load_examples_json,
                   nsynth_labels, read_audio)
 from files import atomic_write
 from pitch import CREPE_MODEL, NoteResult, PitchSummary, track
@@ -145,8 +146,8 @@ def train_classifier(splits: dict[str, list[Path]], path: Path) -> Judge:
         if valid["pitch"] + valid["source"] > best[0]:
             best = (valid["pitch"] + valid["source"], {k: v.clone() for k, v in model.state_dict().items()})
     model.load_state_dict(best[1])
-    bins = _kmeans(train.mel.flatten(1), NDB_BINS, iters=30, generator=torch.Generator().manual_seed(0))
-    counts = np.bincount(_nearest(train.mel.flatten(1), bins).numpy(), minlength=NDB_BINS)
+    bins = kmeans(train.mel.flatten(1), NDB_BINS, iters=30, gen=torch.Generator().manual_seed(0))
+    counts = np.bincount(nearest(train.mel.flatten(1), bins).numpy(), minlength=NDB_BINS)
     judge = Judge(model.eval(), bins, counts, classifier_accuracy(model, notes["test"]))
     save_checkpoint({"kind": CLASSIFIER_KIND, "version": CLASSIFIER_VERSION, "trained_on": notes_key(splits["train"]),
                      "model": model.state_dict(), "ndb_bins": bins, "ndb_counts": torch.from_numpy(counts),
@@ -300,7 +301,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 def ndb_k(mel: torch.Tensor, bins: torch.Tensor, train_counts: np.ndarray) -> float:
     """NDB/K: the share of the K bins whose share of these notes differs from the training notes' share by a
     two-sided two-proportion z-test at NDB_SIGNIFICANCE (Richardson and Weiss 2018)."""
-    counts = np.bincount(_nearest(mel.flatten(1), bins).numpy(), minlength=len(bins))
+    counts = np.bincount(nearest(mel.flatten(1), bins).numpy(), minlength=len(bins))
     n1, n2 = train_counts.sum(), counts.sum()
     p1, p2 = train_counts / n1, counts / n2
     pooled = (train_counts + counts) / (n1 + n2)
@@ -404,7 +405,7 @@ def evaluate(args) -> dict[str, dict]:
     return rows
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folders", nargs="*", type=Path, help="folders of notes to score, one row each")
     p.add_argument("--json", type=Path, help="also write the rows to this file: per folder, notes, pa, pe, "
@@ -426,6 +427,11 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if not args.folders and not args.write_floors:
         p.error("give folders of notes to score (or --write-floors DIR)")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     run_or_exit(lambda: evaluate(args))
 
 
