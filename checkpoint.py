@@ -87,6 +87,8 @@ def upgraded(ckpt: dict) -> dict:
     """A checkpoint of an older version in today's form, for --resume (docs/training.md says which versions)."""
     if "tokenizer" in ckpt and isinstance(ckpt.get("args"), dict):  # train.py's, from before --pattern
         ckpt["args"].setdefault("pattern", "flatten")
+    if "config" in ckpt and isinstance(ckpt.get("args"), dict):     # train_codec.py's, from before --pitch-shift
+        ckpt["args"].setdefault("pitch_shift", 0)
     optimizer = ckpt.get("optimizer")  # saved before the non-finite step guard, which needs a fused step
     for group in optimizer.get("param_groups", []) if isinstance(optimizer, dict) else []:
         if isinstance(group, dict):

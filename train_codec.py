@@ -63,7 +63,7 @@ class Settings:
     batch_size: int = 16                 # crops per step
     crop_frames: int = 32                # 75 frames per second
     crop_slack: int = 35                 # crops may reach this many frames past `seconds`
-    pitch_shift: float = 0.0             # each crop resampled up to this many semitones up or down, its f0 with it
+    pitch_shift: int = 3                 # each crop moved by up to this many semitones up or down, its f0 with it
     lr: float = 1e-3
     adversarial: bool = False            # add EnCodec's multi-scale STFT discriminator
     eval_interval: int = 250
@@ -158,14 +158,14 @@ def train(args: Settings) -> C.CodecModel:
 
 def crops(notes: dict, args: Settings, batches: torch.Generator, rank: int, world: int):
     """One step's batch, drawn the same on every rank: --batch-size notes, a crop of --crop-frames of each (a share
-    ONSET_CROPS at the onset), each shifted by up to --pitch-shift semitones, and one number of levels (a bandwidth)
+    ONSET_CROPS at the onset), each moved by up to --pitch-shift semitones, and one number of levels (a bandwidth)
     for all. Returns this rank's share: audio (B, samples) and teacher f0 (B,), and the levels."""
     idx = torch.randint(len(notes["train"]), (args.batch_size,), generator=batches)
     start = torch.randint(notes["frames"] + args.crop_slack - args.crop_frames + 1, (args.batch_size,),
                           generator=batches) * HOP
     at_onset = torch.rand(args.batch_size, generator=batches) < ONSET_CROPS
     start = torch.where(at_onset, 0, start)
-    semitones = (2 * torch.rand(args.batch_size, generator=batches) - 1) * args.pitch_shift
+    semitones = torch.randint(-args.pitch_shift, args.pitch_shift + 1, (args.batch_size,), generator=batches)
     levels = list(C.BANDWIDTH_LEVELS.values())[int(torch.randint(len(C.BANDWIDTH_LEVELS), (1,), generator=batches))]
     share = args.batch_size // world
     mine = slice(rank * share, (rank + 1) * share)
@@ -174,7 +174,7 @@ def crops(notes: dict, args: Settings, batches: torch.Generator, rank: int, worl
     return audio, notes["train_f0"][idx[mine]] * 2 ** (semitones[mine] / 12), levels
 
 
-def shifted(note: torch.Tensor, start: int, length: int, semitones: float) -> torch.Tensor:
+def shifted(note: torch.Tensor, start: int, length: int, semitones: int) -> torch.Tensor:
     """length samples of note from start, played 2^(semitones/12) times as fast (a tape's pitch shift: the pitch and
     the partials move together, the note's time with them). Trains the codec on pitches between and beyond the
     set's keys: a codec trained on MIDI 40-88 alone never learns the f0 classes of a drop-tuned low string."""
@@ -357,9 +357,9 @@ def parse_args(argv=None) -> Settings:
                    help="frames per training crop (75 per second) (default: %(default)s)")
     t.add_argument("--crop-slack", type=int, help="crops may reach this many frames past --seconds (default: "
                                                   "%(default)s)")
-    t.add_argument("--pitch-shift", type=float,
-                   help="shift each training crop by a random number of semitones up to this, up or down, its "
-                        "teacher f0 with it (default: %(default)s)")
+    t.add_argument("--pitch-shift", type=int, metavar="SEMITONES",
+                   help="move each training crop by a random whole number of semitones, up to this many up or down, "
+                        "its teacher f0 with it (default: %(default)s)")
     t.add_argument("--lr", type=positive(float), help="Adam learning rate (default: %(default)s)")
     t.add_argument("--adversarial", action="store_true",
                    help="add EnCodec's multi-scale STFT discriminator (hinge loss + feature matching)")
