@@ -10,7 +10,9 @@ Train the codec (codec.py) on a folder of notes, so that codecgpt needs no pretr
 Writes OUT_DIR/codec.pt (the codec file: its config, weights and digest; `data.Codec.load(path, bandwidth)` reads
 it and `train.py --codec PATH` trains the language model on its codes), OUT_DIR/ckpt.pt (what --resume needs),
 OUT_DIR/log.jsonl (one line per evaluation: per bandwidth SI-SNR, mel distance, codebook perplexity per level,
-pitch kept and the attack's level kept on the held-out notes) and OUT_DIR/curves.png.
+pitch kept and the attack's level kept on the held-out notes) and OUT_DIR/curves.png; at the end, where the set has a
+test split (instruments never trained on) or --test-folders are given, OUT_DIR/test.json with the same measures on
+them and OUT_DIR/reconstructions/index.html, a few of them beside what the codec gives back.
 
 Each step draws notes, a crop of each (a quarter at the onset, the rest anywhere in the part of the note the
 language model learns, --seconds, plus --crop-slack frames) and one bandwidth for the whole batch (as EnCodec does,
@@ -243,10 +245,10 @@ def reconstruction_page(model: C.CodecModel, notes: list[tuple[str, Path]], args
     was_training = model.training
     model.eval()
     played = {"original": audio}
+    device = next(model.parameters()).device
     with torch.no_grad():
         for bw in args.eval_bandwidths:
             model.set_target_bandwidth(bw)
-            device = next(model.parameters()).device
             played[str(bw)] = torch.cat([model.decode(model.encode(x.to(device))).cpu() for x in audio.split(8)])
     model.train(was_training)
     rows = []
