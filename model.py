@@ -23,6 +23,7 @@ maths, faster) and the x-transformers mapping.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -234,7 +235,7 @@ class GPT(nn.Module):
 
     def new_caches(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> list[KVCache]:
         """One empty KVCache per block, for max_len positions."""
-        p = self.head.weight
+        p = self.embed.weight  # the activations' dtype (the head's weight may be int8: quantize_weights)
         return [KVCache(batch_size, self.cfg.heads, max_len, self.cfg.dim_head, dtype or p.dtype, p.device)
                 for _ in range(self.cfg.depth)]
 
@@ -494,6 +495,58 @@ class CompiledDecoder(StaticDecoder):
     def decode_one_token(self, token: Tensor, pos: int, caches: list[KVCache]) -> Tensor:
         # .clone(): a CUDA graph's output lives in memory that its next replay overwrites
         return self.compiled_step(token, self.positions[pos:pos + 1], caches).clone()
+
+
+# Weights in fewer bytes, for decoding. At batch 1 a decoding step reads every weight matrix once to multiply it by
+# one vector, so a step costs at least the weights' bytes over the memory's bandwidth (bench.py measures that floor
+# on the machine it runs on): weights in half or a quarter of the bytes lower the floor by as much.
+
+WEIGHT_FORMATS = ("float32", "bfloat16", "int8")
+
+
+class Int8Linear(nn.Module):
+    """nn.Linear with its weight in int8, one float scale per output channel (weight ~ int8 * scale), activations
+    left in float: gpt-fast's weight-only int8. On a CPU torch's _weight_int8pack_mm multiplies by the int8 weight
+    directly; its vectorized kernel takes bf16 activations (float32 ones take a scalar path, measured 10x slower),
+    so the input is rounded to bf16 for the product only. Elsewhere (CUDA) the weight is converted to the
+    activations' dtype in the product, as gpt-fast does, which torch.compile (sample.py --compile) fuses."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach().float()
+        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127          # the largest weight of a row maps to 127
+        self.register_buffer("weight", torch.round(w / scales[:, None]).to(torch.int8))
+        self.register_buffer("scales", scales)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu":
+            rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+            y = torch._weight_int8pack_mm(rows, self.weight, self.scales.to(torch.bfloat16)).to(x.dtype)
+            y = y.view(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+def quantize_weights(model: GPT, kind: str) -> GPT:
+    """A copy of model for sampling whose weights take fewer bytes: 'int8' (every Linear an Int8Linear; the
+    embedding stays float, as a step reads one row of it, not the whole table), 'bfloat16' (every weight in bf16,
+    the activations and the cache with them; worth it only where bf16 is native: cli.native_bf16) or 'float32'
+    (a plain copy). Its state_dict loads into quantize_weights(GPT(cfg), kind)."""
+    if kind not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {kind!r}")
+    model = copy.deepcopy(model).eval()
+    if kind == "int8":
+        for module in list(model.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(module, name, Int8Linear(child))
+    elif kind == "bfloat16":
+        for p in model.parameters():   # parameters only: the rotary table is complex and must stay so
+            p.data = p.data.to(torch.bfloat16)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------
