@@ -133,6 +133,17 @@ def pick_attention(name: str, device: str, training: bool) -> str:
     return "fused" if device.startswith("cuda") or not training else "fast"
 
 
+def pick_weights(name: str, device: str) -> str:
+    """--weights: auto -> the fastest format that keeps the notes, as measured (bench.py, docs/speed.md): int8 on a
+    CPU, float32 on CUDA (unmeasured there). bfloat16 is refused where it is not native: emulated, it is slower."""
+    if name == "auto":
+        return "float32" if device.startswith("cuda") else "int8"
+    if name == "bfloat16" and not native_bf16(device.split(":")[0]):
+        raise DataError("--weights bfloat16: this CPU has no native bf16 (emulated it is slower than float32); "
+                        "use --weights int8 or float32")
+    return name
+
+
 def run_or_exit(program: Callable[[], object]) -> None:
     """Run a program's body; a DataError or CheckpointError (a user's mistake or a damaged file), a Diverged run or a
     WriteError (a full disk) ends it with one line and exit status 1, no traceback; Stopped (a signal, after saving)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,13 +30,13 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
-from cli import (add_shared_flags, non_negative, pick_attention, pick_device, pitches, positive, probability,
-                 run_or_exit, sources, velocities)
+from cli import (add_shared_flags, non_negative, pick_attention, pick_device, pick_weights, pitches, positive,
+                 probability, run_or_exit, sources, velocities)
 from codec_kinds import codec_from_checkpoint
 from data import FRAME_RATE, HOP, SAMPLE_RATE, Codec, DataError, read_audio
 from files import atomic_write
 from long_run import Stopped
-from model import GPT, CompiledDecoder
+from model import GPT, WEIGHT_FORMATS, CompiledDecoder, quantize_weights
 from page import write_samples_page
 from pitch import NoteResult, pitch_report
 from tokenizer import NSYNTH_SOURCES, PATTERNS, CodecTokenizer
@@ -47,6 +48,9 @@ def sample(args) -> list[Path]:
     model, tokenizer, codec = load_model(args)
     model.to(device).eval()
     codec.to(device)
+    weights = pick_weights(args.weights, device)
+    if weights != "float32":
+        model = quantize_weights(model, weights)
     model.set_attention(pick_attention(args.attention, device, training=False))
     decoder = CompiledDecoder(model, mode="reduce-overhead" if device == "cuda" else None) if args.compile else None
     frames = check_request(args, model, tokenizer)
@@ -91,6 +95,11 @@ def sample(args) -> list[Path]:
     what = f" (the first {args.prompt_seconds} s from {args.prompt})" if args.prompt else ""
     print(f"wrote {len(written)} notes of {frames / FRAME_RATE:.3f} s{what} to {out_dir}/; "
           + speed.line(len(written), new_frames, frames, guided))
+    if not args.prompt and not interrupted:   # (a continuation is heard from its first frame: the recording)
+        first = prompt[:1]
+        wait = first_sound(model, tokenizer, codec, first, allowed=allowed, decoder=decoder, cfg_scale=args.cfg,
+                           uncond_prompt=tokenizer.unconditional(first) if guided else None)
+        print(f"the first 100 ms of a note are heard {wait:.2f} s after asking (batch 1, codec decoding included)")
     summary = pitch_report(written, crepe=args.crepe) if args.report else None
     notes = summary.notes if summary else [NoteResult(path, midi, velocity, source=source_name)
                                             for path, midi, velocity, source_name in written]
@@ -211,6 +220,21 @@ def asked_settings(args) -> dict[str, str]:
     return settings
 
 
+def first_sound(model: GPT, tokenizer: CodecTokenizer, codec: Codec, prompt: torch.Tensor, seconds: float = 0.1,
+                **generating) -> float:
+    """Seconds from asking for a note (prompt: one row) to hearing its first `seconds`: sampling the steps that
+    complete those frames (the delay pattern's first frame waits for its last level), then decoding them.
+    generating: GPT.generate's other arguments (allowed, decoder, guidance)."""
+    sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
+    frames = math.ceil(seconds * FRAME_RATE)
+    sync()
+    start = time.perf_counter()
+    tokens = model.generate(prompt, tokenizer.steps(frames), **generating)
+    codec.decode(tokenizer.decode(tokens))
+    sync()
+    return time.perf_counter() - start
+
+
 class Speed:
     """How fast notes were made: the time spent generating tokens (the codec's decoding left out) and in all."""
 
@@ -294,6 +318,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the one-token decode step; on CUDA it becomes a CUDA graph (one launch per "
                         "token). Compiling takes tens of seconds first on a CPU: worth it for many or long batches")
+    p.add_argument("--weights", choices=("auto", *WEIGHT_FORMATS), default="auto",
+                   help="the model's weights while sampling: float32 as trained, bfloat16 (where the device has it "
+                        "natively), or int8 (weight-only, one scale per output channel); auto = int8 on a CPU, "
+                        "float32 on CUDA: the fastest that keeps the notes, as measured (docs/speed.md)")
     p.add_argument("--no-kv-cache", action="store_true",
                    help="re-run the whole sequence for every token, like the reference (slow; for comparison)")
     return p.parse_args(argv)
