@@ -5,6 +5,7 @@ Benchmarks: codecgpt side by side with x-transformers and the reference recipe, 
     python bench.py --device cuda         # the same on a GPU, plus compiled decoding, --compile training and MFU
     python bench.py --json bench.json     # also write every number (rewritten after every row)
     python bench.py --only patterns       # one part: sample, train, encode, patterns, guard or codec
+    python bench.py --only weights --ckpt out/best.pt   # a trained model's held-out loss and speed per weight format
     python bench.py --device cuda --quick # the GPU check's short run (.ci/gpu): the rows of the H100 targets
 
 x-transformers is imported here and in the tests only (it is a dev dependency, requirements-dev.txt); codecgpt itself
@@ -41,7 +42,8 @@ import prepare
 from files import atomic_write
 from long_run import NonFiniteSteps
 from cli import native_bf16
-from model import GPT, CompiledDecoder, GPTConfig
+from model import GPT, CompiledDecoder, GPTConfig, Int8Linear, quantize_weights
+from sample import first_sound
 
 REAL_GUITAR = Path(__file__).resolve().parent.parent / "shared" / "data" / "real-guitar"
 REFERENCE = dict(num_tokens=1024, max_seq_len=250, dim=256, depth=6, heads=4)
@@ -149,15 +151,48 @@ def naive_generate(net, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
     return x
 
 
+def weight_formats(device: str) -> list[str]:
+    """The weight formats to time: float32 and int8 everywhere, bfloat16 where the device has it natively."""
+    return ["float32", "int8"] + (["bfloat16"] if native_bf16(device) else [])
+
+
+def matmul_floor(model: GPT, batch: int, device: str, repeats: int, steps: int = 50) -> dict:
+    """The machine's own limit for one decoding step of model: its matrix products alone (every Linear or Int8Linear
+    once, the same shapes and weight format, on one position of `batch` rows), nothing else: no attention, norms,
+    sampling or Python between them. At batch 1 that is streaming every weight once; no decoder of these weights
+    takes less. Returns timed()'s result for one step."""
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear))]
+    inputs = [torch.randn(batch, 1, m.in_features, dtype=model.embed.weight.dtype, device=device) for m in layers]
+
+    def products():
+        with torch.inference_mode():
+            for _ in range(steps):
+                for layer, x in zip(layers, inputs):
+                    layer(x)
+    r = timed(products, repeats, device)
+    return {**r, "seconds": r["seconds"] / steps}
+
+
+def add_floor_share(row: dict, floor: dict) -> None:
+    """The share of the floor a sampling row reaches: the floor's time for the same steps / the row's time."""
+    row["floor_share"] = floor["seconds"] / row["seconds"]
+    print(f"  {'':<44} {100 * row['floor_share']:5.1f}% of the floor ({row['name']})")
+
+
 def bench_sampling(args) -> None:
     new = args.sample_tokens
-    print(f"\nsampling {new} tokens from BOS, reference model, float32, temperature 1, no filtering")
+    print(f"\nsampling {new} tokens from BOS, reference model, temperature 1, no filtering; float32 unless named")
     net, wrapper, ours = reference_models(args.device)
     no_filter = lambda logits, **kwargs: logits  # noqa: E731
     ours.set_attention("fused")
+    models = {"float32": ours}
+    for kind in weight_formats(args.device)[1:]:
+        models[kind] = quantize_weights(ours, kind)
+        models[kind].set_attention("fused")
     compiled = None
     if args.device == "cuda" or args.compile:
-        compiled = CompiledDecoder(ours, mode="reduce-overhead" if args.device == "cuda" else None)
+        compiled = {kind: CompiledDecoder(m, mode="reduce-overhead" if args.device == "cuda" else None)
+                    for kind, m in models.items()}
     for batch in args.batches:
         section = f"sample b{batch}"
         print(f" batch {batch}:")
@@ -167,27 +202,77 @@ def bench_sampling(args) -> None:
 
         def row(name, fn, repeats=args.repeats, baseline="x-transformers generate(cache_kv=True)"):
             r = timed(fn, repeats, args.device)
-            report(section, name, r, tokens / r["seconds"], "tokens/s", baseline,
-                   realtime_factor=audio / r["seconds"])
+            return report(section, name, r, tokens / r["seconds"], "tokens/s", baseline,
+                          realtime_factor=audio / r["seconds"])
 
+        floors = {}   # the floor of each weight format, for all the steps of a row: new tokens x one step
+        for kind, model in models.items():
+            step = matmul_floor(model, batch, args.device, args.repeats)
+            floors[kind] = report(section, f"matrix products alone, {kind} (the floor)",
+                                  {**step, "seconds": step["seconds"] * new}, tokens / (step["seconds"] * new),
+                                  "tokens/s")
         with torch.inference_mode():
-            row("x-transformers generate(cache_kv=True)",
-                lambda: wrapper.generate(prompt, new, filter_logits_fn=no_filter, cache_kv=True),
-                baseline=None)
+            r = row("x-transformers generate(cache_kv=True)",
+                    lambda: wrapper.generate(prompt, new, filter_logits_fn=no_filter, cache_kv=True), baseline=None)
+        add_floor_share(r, floors["float32"])
         if batch <= args.naive_max_batch:
             # The naive loop grows quadratically: at batch 16 one run takes ~40 s on 2 cores, so it runs once there.
             row("reference naive loop (no cache)", lambda: naive_generate(net, prompt, new),
                 repeats=args.repeats if batch == 1 else 1)
         else:
             print(f"  {'reference naive loop (no cache)':<44} skipped (--naive-max-batch {args.naive_max_batch})")
-        row("codecgpt generate (KV cache)", lambda: ours.generate(prompt, new))
-        if compiled is not None:
-            row("codecgpt generate (compiled decode)", lambda: ours.generate(prompt, new, decoder=compiled))
+        for kind, model in models.items():
+            weights = "" if kind == "float32" else f", {kind} weights"
+            r = row(f"codecgpt generate (KV cache){weights}", lambda: model.generate(prompt, new))
+            add_floor_share(r, floors[kind])
+            if compiled is not None:
+                r = row(f"codecgpt generate (compiled decode){weights}",
+                        lambda: model.generate(prompt, new, decoder=compiled[kind]))
+                add_floor_share(r, floors[kind])
         naive = next((r for r in ROWS if r["section"] == section and r["name"].startswith("reference naive")), None)
         for r in ROWS:
             if naive and r["section"] == section and r["name"].startswith("codecgpt"):
                 r["ratio_vs_naive"] = naive["seconds"] / r["seconds"]
                 print(f"  {r['name']:<44} {r['ratio_vs_naive']:6.2f}x vs the naive loop")
+
+
+def bench_weights(args) -> None:
+    """A trained checkpoint (--ckpt) sampled with each weight format: on its held-out notes (train.py's validation
+    split, through train.py's evaluate), the loss and accuracy, how often the most likely next token is float32's, and
+    the mean KL divergence of the next-token distributions from float32's; then one note from BOS at batch 1."""
+    import dataclasses
+    import train
+    from checkpoint import load_checkpoint, model_from_checkpoint
+    from codec_kinds import codec_from_checkpoint
+    ckpt = load_checkpoint(args.ckpt)
+    model = model_from_checkpoint(ckpt, args.ckpt).to(args.device).eval()
+    model.set_attention("fused")
+    names = {f.name for f in dataclasses.fields(train.Settings)}
+    settings = train.Settings(**{k: v for k, v in ckpt["args"].items() if k in names})
+    codec = codec_from_checkpoint(ckpt, args.ckpt, None)
+    _, tokenizer, _, valid = train.prepare_data(settings, args.device, codec, verbose=False)
+    tokens = valid.tokens[:args.weights_notes].to(args.device)
+    print(f"\nweight formats: {args.ckpt}, {len(tokens)} held-out notes of --data {settings.data}, "
+          f"{tokenizer.pattern} pattern")
+    with torch.inference_mode():
+        reference = torch.cat([model(batch[..., :-1]).float().log_softmax(-1) for batch in tokens.split(16)])
+    prompt = tokens[:1, ..., :tokenizer.prefix]
+    allowed = tokenizer.allowed(tokens.shape[-1], args.device)
+    section = "weights"
+    for kind in weight_formats(args.device):
+        sampler = model if kind == "float32" else quantize_weights(model, kind)
+        sampler.set_attention("fused")
+        with torch.inference_mode():
+            logp = torch.cat([sampler(batch[..., :-1]).float().log_softmax(-1) for batch in tokens.split(16)])
+            m = train.evaluate(sampler, tokens, tokenizer, 16, args.device, nullcontext())
+        sampler.eval()  # (evaluate leaves a model in training mode)
+        # over code positions only (tokenizer.per_code): not BOS, the conditions or the delay pattern's holes
+        same = tokenizer.per_code(logp.argmax(-1) == reference.argmax(-1)).float().mean().item()
+        kl = tokenizer.per_code((reference.exp() * (reference - logp)).sum(-1)).mean().item()
+        steps = tokens.shape[-1] - tokenizer.prefix
+        r = timed(lambda: sampler.generate(prompt, steps, allowed=allowed), args.repeats, args.device)
+        report(section, kind, r, tokenizer.frames(steps) / r["seconds"], "frames/s", baseline="float32",
+               val_loss=m["val_loss"], val_accuracy=m["val_accuracy"], same_argmax=same, kl_nats=kl)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -443,6 +528,14 @@ def bench_codec(args) -> None:
                    baseline="small" if size == "encodec" else None)
 
 
+def small_codec(kbps: float, device: str) -> data.Codec:
+    """The codec trained here (codec.py, small size; untrained weights cost the same) at kbps, for decoding."""
+    import codec as C
+    from codec_kinds import Codec
+    torch.manual_seed(0)
+    return Codec(C.make_codec(C.CodecConfig(size="small")).to(device), "trained", kbps)
+
+
 def bench_patterns(args) -> None:
     """A note (125 frames, 1.67 s) with each pattern at 1.5 and 6 kbps, reference model size, random weights:
     decode steps, sampling frames/s at batch 1 and 16 (from BOS, temperature 1, level-restricted), and training
@@ -453,6 +546,7 @@ def bench_patterns(args) -> None:
     autocast = torch.autocast(device, dtype=torch.bfloat16) if native_bf16(device) else nullcontext()
     baseline = "flatten 1.5 kbps"
     print(f"\ncodebook patterns: a note of {frames} frames, reference model size (dim 256, depth 6, 4 heads)")
+    codecs = {kbps: small_codec(kbps, device) for kbps in {kbps for _, kbps in PATTERN_ROWS}}
     for pattern, kbps in PATTERN_ROWS:
         tok = CodecTokenizer(levels=data.BANDWIDTH_LEVELS[kbps], pattern=pattern)
         length = tok.prefix + tok.steps(frames)
@@ -466,10 +560,19 @@ def bench_patterns(args) -> None:
         for batch in args.pattern_batches:
             prompt = tok.start(batch, device=device)
             repeats = args.repeats if tok.steps(frames) * batch <= 4000 else 1   # flatten at 6 kbps: 1,000 steps
-            r = timed(lambda: model.generate(prompt, length - tok.prefix, allowed=allowed), repeats, device)
-            report(f"patterns sample b{batch}", name, r, batch * frames / r["seconds"], "frames/s", baseline,
-                   decode_steps=float(tok.steps(frames)),
-                   realtime_factor=batch * frames / data.FRAME_RATE / r["seconds"])
+            # at batch 1, every weight format, with its floor and the wait for the first 100 ms of sound
+            for kind in weight_formats(device) if batch == 1 else ["float32"]:
+                sampler = model if kind == "float32" else quantize_weights(model, kind)
+                sampler.set_attention("fused")
+                r = timed(lambda: sampler.generate(prompt, length - tok.prefix, allowed=allowed), repeats, device)
+                floor = matmul_floor(sampler, batch, device, args.repeats)["seconds"] * (length - tok.prefix)
+                extra = dict(floor_share=floor / r["seconds"])
+                if batch == 1:
+                    extra["first_100ms_s"] = statistics.median(
+                        first_sound(sampler, tok, codecs[kbps], prompt, allowed=allowed) for _ in range(args.repeats))
+                report(f"patterns sample b{batch}", name + ("" if kind == "float32" else f", {kind} weights"), r,
+                       batch * frames / r["seconds"], "frames/s", baseline, decode_steps=float(tok.steps(frames)),
+                       realtime_factor=batch * frames / data.FRAME_RATE / r["seconds"], **extra)
         model.train().set_attention("fused" if device == "cuda" else "fast")
         batch = 16
         tokens = tok.encode(torch.randint(0, 1024, (batch, tok.levels, frames), device=device))
@@ -501,8 +604,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     p.add_argument("--only", default=None,
-                   help="comma-separated parts to run, from: sample, train, encode, patterns, guard, codec (default: "
-                        "all; with --quick all but patterns)")
+                   help="comma-separated parts to run, from: sample, train, encode, patterns, guard, codec, weights "
+                        "(default: all but weights, which needs a trained --ckpt; with --quick also not patterns)")
     p.add_argument("--quick", action="store_true",
                    help="the GPU check's short run (.ci/gpu; under 3 minutes on one H100): sampling at batch 1 and "
                         "256 without the naive loop, training at batch 125 (and dim 512 / depth 12 at 32) with the "
@@ -525,6 +628,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="also time torch.compile'd decoding and training steps on CPU (on by default on CUDA, where "
                         "decoding is a CUDA graph)")
+    p.add_argument("--ckpt", default="out/best.pt", help="the trained checkpoint of --only weights (default: "
+                                                          "out/best.pt; its data folder, relative to here)")
+    p.add_argument("--weights-notes", type=int, default=200, help="held-out notes --only weights scores (default: 200)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--json", metavar="FILE", help="write all rows and the machine description to FILE")
     args = p.parse_args(argv)
@@ -543,7 +649,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
     parts = set(args.only.split(","))
-    known = {"sample", "train", "encode", "patterns", "guard", "codec"}
+    known = {"sample", "train", "encode", "patterns", "guard", "codec", "weights"}
     if not parts <= known:
         p.error(f"--only: unknown parts {sorted(parts - known)}")
     args.parts = parts
@@ -588,9 +694,9 @@ def main(argv=None) -> None:
     t0 = time.time()
     # --quick puts the slowest part (compiling two training steps) last: under a time limit it is the one cut short
     order = (("encode", "sample", "guard", "codec", "train") if args.quick
-             else ("sample", "train", "guard", "encode", "patterns", "codec"))
+             else ("sample", "train", "guard", "encode", "patterns", "codec", "weights"))
     parts = {"sample": bench_sampling, "train": bench_training, "encode": bench_encoding, "patterns": bench_patterns,
-             "guard": bench_guard, "codec": bench_codec}
+             "guard": bench_guard, "codec": bench_codec, "weights": bench_weights}
     for part in order:
         if part in args.parts:
             parts[part](args)

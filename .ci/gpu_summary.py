@@ -93,6 +93,10 @@ for batch, goal in zip(batches[:1] + batches[1:][-1:], (3000, 200_000)):
         next((r for r in rows_b if r["name"] == "codecgpt generate (KV cache)"), None)
     target(f"decoding at batch {batch} ({pick['name'] if pick else 'codecgpt'})", speed(pick) if pick else None,
            goal, " tokens/s")
+for row in rows:   # every weight format, eager and as a CUDA graph, against its matrix products' floor: no target yet
+    if row["section"].startswith("sample b") and row.get("floor_share") is not None:
+        lines.append(f"  {row['section']}, {row['name']}: {speed(row):,.0f} tokens/s, "
+                     f"{row['floor_share']:.0%} of its floor")
 encode = find("encode synthetic")
 pick = next((r for r in encode if r["name"] == "codecgpt encode_files (batched)"), None)
 target("encoding (encode_files: read, resample, encode)", speed(pick) if pick else None, 1000, " notes/s")
