@@ -23,7 +23,7 @@ import codec_kinds
 import data
 from checkpoint import load_checkpoint
 from conftest import ROOT, TINY, read_log, run
-from model import GPT, CompiledDecoder, GPTConfig, StaticDecoder, StaticKVCache
+from model import GPT, CompiledDecoder, GPTConfig, StaticDecoder, StaticKVCache, quantize_weights
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(),
@@ -281,6 +281,26 @@ def check_cuda_training(work: Path, out: Path, first: subprocess.CompletedProces
     # steps 40-60 start from the trained weights: a fresh start would lose the 0-20 steps' progress
     assert log[3]["train_loss"] < log[1]["train_loss"]
     assert log[3]["val_loss"] < log[0]["val_loss"] - 0.5
+
+
+@pytest.mark.parametrize("kind", ["int8", "bfloat16"])
+def test_quantized_weights_on_cuda_pick_float32s_tokens_eager_and_as_a_cuda_graph(kind, exact_float32):
+    """int8 (gpt-fast's CUDA path: the weight converted in the product) and bfloat16 weights on the GPU: the most
+    likely next token is float32's on at least 90% of positions of random sequences, and generate through a CUDA
+    graph (CompiledDecoder, reduce-overhead) greedily picks the tokens the eager quantized model scores highest
+    (teacher-forced on the graph's own sequence: near-ties may flip, so at least 90% of them)."""
+    torch.manual_seed(0)
+    model = reference_gpt().eval()
+    quantized = quantize_weights(model, kind)
+    seqs = torch.randint(0, 2311, (4, 200), device="cuda")
+    with torch.inference_mode():
+        agree = (model(seqs).argmax(-1) == quantized(seqs).argmax(-1)).float().mean().item()
+    assert agree >= 0.9, f"{kind}: {agree:.1%}"
+    prompt = seqs[:, :4]
+    graph = quantized.generate(prompt, 40, temperature=0, decoder=CompiledDecoder(quantized, mode="reduce-overhead"))
+    with torch.inference_mode():
+        eager = quantized(graph[:, :-1]).argmax(-1)[:, 3:]
+    assert (eager == graph[:, 4:]).float().mean().item() >= 0.9
 
 
 def test_train_on_cuda_loss_falls_checkpoint_loads_on_cpu_and_resumes(cuda_run, cuda_data_dir, tmp_path):
