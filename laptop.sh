@@ -88,7 +88,7 @@ else
     python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
         || { echo "error: codecgpt needs Python 3.10 or newer; python3 is $(python3 -V 2>&1)" >&2; exit 1; }
     [ -x "$ROOT/.venv/bin/python" ] || python3 -m venv "$ROOT/.venv"
-    "$ROOT/.venv/bin/pip" install -q -r "$ROOT/requirements.txt"
+    "$ROOT/.venv/bin/python" -m pip install -q -r "$ROOT/requirements.txt"
     PY=$ROOT/.venv/bin/python
 fi
 
