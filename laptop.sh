@@ -29,7 +29,7 @@ RENDER=(soundfont)                                    # 3,410 notes of 14 guitar
 SYNTHETIC=(synthetic --notes 2000)                    # without FluidSynth: 2,000 plucked strings
 GUITAR_DATA=(--data soundfont-guitar)
 SYNTHETIC_DATA=(--data synthetic --synthetic-notes 2000)
-CODEC=()                                              # train_codec.py's defaults are the CPU recipe: out-codec/
+CODEC=(--out-dir out-codec)                           # train_codec.py's defaults are the CPU recipe
 LM=(--codec out-codec/codec.pt --pattern delay --dim 128 --depth 4 --heads 2 --batch-size 32 --max-iters 1200
     --eval-interval 200 --warmup-iters 30 --lr 1e-3)  # out/best.pt
 SAMPLE=(--pitch 40-88 --velocity 25,50,75,100,127 --source acoustic,electronic --temperature 0.7 --report)
@@ -55,17 +55,21 @@ stage() {   # stage N "what it does (what it costs)": the header, after the time
     echo
     echo "[$1/6] $2"
 }
-took() { local s=$((SECONDS - $1)); if [ "$s" -lt 120 ]; then echo "$s s"; else echo "$((s / 60)) min $((s % 60)) s"; fi; }
+took() {    # took START: the seconds since START, as "42 s" or "3 min 5 s"
+    local s=$((SECONDS - $1))
+    if [ "$s" -lt 120 ]; then echo "$s s"; else echo "$((s / 60)) min $((s % 60)) s"; fi
+}
 
 if [ -n "${PYTHON:-}" ]; then
     PY=$PYTHON
     stage 1 "system packages: skipped (PYTHON=$PYTHON is used as it is)"
     stage 2 "Python packages: skipped"
 else
-    stage 1 "system packages: FluidSynth and two General MIDI SoundFonts (a 125 MB download; nothing when installed) ..."
+    stage 1 "system packages: FluidSynth and two General MIDI SoundFonts (125 MB to download; none if installed) ..."
     if [ "$(uname -s)" = Darwin ]; then
         echo "macOS: this script installs no system packages; for guitar notes: brew install fluid-synth, and a" \
-             "SoundFont (.sf2) in /usr/local/share/sounds/sf2 (or pip install pretty_midi, which carries TimGM6mb.sf2)"
+             "SoundFont (.sf2) in /usr/local/share/sounds/sf2 (or .venv/bin/pip install pretty_midi:" \
+             "it carries TimGM6mb.sf2)"
     elif command -v apt-get >/dev/null && command -v dpkg >/dev/null; then
         missing=$(for p in $DEBIAN_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done | xargs)
         if [ -z "$missing" ]; then
@@ -108,17 +112,17 @@ if [ -z "$why" ]; then
     stage 3 "rendering guitar notes from the system's SoundFonts with FluidSynth into data/ (14 s measured) ..."
     "$PY" "$ROOT/prepare.py" "${RENDER[@]}"
 else
-    echo "$why: going on with synthetic notes (plucked strings made in Python, not guitars); for guitars:" \
-         "sudo apt-get install libfluidsynth3 fluid-soundfont-gm timgm6mb-soundfont (macOS: brew install fluid-synth)"
     DATA=("${SYNTHETIC_DATA[@]}")
     stage 3 "making synthetic plucked-string notes into data/ (about 1 min) ..."
+    echo "$why: going on with synthetic notes (plucked strings made in Python, not guitars); for guitars:" \
+         "sudo apt-get install libfluidsynth3 fluid-soundfont-gm timgm6mb-soundfont (macOS: brew install fluid-synth)"
     "$PY" "$ROOT/prepare.py" "${SYNTHETIC[@]}"
 fi
 
 stage 4 "training the codec into out-codec/ (10.1 min measured; it prints its own estimate after its first steps) ..."
 "$PY" "$ROOT/train_codec.py" "${DATA[@]}" "${CODEC[@]}"
 
-stage 5 "encoding the notes with it, then training the language model into out/ (6.1 min measured, encoding included) ..."
+stage 5 "encoding the notes with it, then training the language model into out/ (6.1 min measured, both) ..."
 "$PY" "$ROOT/train.py" "${DATA[@]}" "${LM[@]}"
 
 stage 6 "sampling the notes asked for into samples/ and measuring their pitch and loudness (3.0 min measured) ..."
