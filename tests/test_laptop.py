@@ -90,8 +90,10 @@ def test_the_readme_opens_with_laptop_sh_and_lists_what_it_runs():
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
     assert blocks[0].strip() == "./laptop.sh", "the README's first command is not the laptop run"
+    assert blocks[1].strip().endswith("-m pytest -q"), "the README's second command is not the test command"
     assert os.access(SCRIPT, os.X_OK), "laptop.sh is not executable: ./laptop.sh fails"
-    listed = re.sub(r"#.*", "", blocks[1]).replace("\\\n", " ")
+    (stages,) = [block for block in blocks if "prepare.py soundfont" in block]
+    listed = re.sub(r"#.*", "", stages).replace("\\\n", " ")
     commands = {line.split()[1]: line.split()[2:] for line in listed.splitlines() if line.strip()}
     assert commands["prepare.py"] == shell_array("RENDER")
     guitars = shell_array("GUITAR_DATA")
