@@ -134,10 +134,12 @@ def pick_attention(name: str, device: str, training: bool) -> str:
 
 
 def pick_weights(name: str, device: str) -> str:
-    """--weights: auto -> the fastest format that keeps the notes, as measured (bench.py, docs/speed.md): int8 on a
-    CPU, float32 on CUDA (unmeasured there). bfloat16 is refused where it is not native: emulated, it is slower."""
+    """--weights: auto -> the fastest format that keeps the notes, as measured (bench.py, docs/speed.md): float32,
+    on a CPU too, where the reference size's weights sit in the cache and torch's int8 kernel is no faster than
+    float32's (int8 and bfloat16 are for larger models, and GPUs once measured). bfloat16 is refused where it is not
+    native: emulated, it is slower."""
     if name == "auto":
-        return "float32" if device.startswith("cuda") else "int8"
+        return "float32"
     if name == "bfloat16" and not native_bf16(device.split(":")[0]):
         raise DataError("--weights bfloat16: this CPU has no native bf16 (emulated it is slower than float32); "
                         "use --weights int8 or float32")

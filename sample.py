@@ -49,6 +49,9 @@ def sample(args) -> list[Path]:
     model.to(device).eval()
     codec.to(device)
     weights = pick_weights(args.weights, device)
+    if weights == "int8" and args.compile and device == "cpu":
+        raise DataError("--compile with --weights int8 on a CPU: torch.compile cannot compile torch's int8 kernel "
+                        "there (torch 2.11); use one or the other")
     if weights != "float32":
         model = quantize_weights(model, weights)
     model.set_attention(pick_attention(args.attention, device, training=False))
@@ -320,8 +323,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "token). Compiling takes tens of seconds first on a CPU: worth it for many or long batches")
     p.add_argument("--weights", choices=("auto", *WEIGHT_FORMATS), default="auto",
                    help="the model's weights while sampling: float32 as trained, bfloat16 (where the device has it "
-                        "natively), or int8 (weight-only, one scale per output channel); auto = int8 on a CPU, "
-                        "float32 on CUDA: the fastest that keeps the notes, as measured (docs/speed.md)")
+                        "natively), or int8 (weight-only, one scale per output channel); auto = float32, the "
+                        "fastest that keeps the notes as measured on a CPU (docs/speed.md; not --compile with int8 "
+                        "on a CPU)")
     p.add_argument("--no-kv-cache", action="store_true",
                    help="re-run the whole sequence for every token, like the reference (slow; for comparison)")
     return p.parse_args(argv)
