@@ -99,10 +99,12 @@ def sample(args) -> list[Path]:
     print(f"wrote {len(written)} notes of {frames / FRAME_RATE:.3f} s{what} to {out_dir}/; "
           + speed.line(len(written), new_frames, frames, guided))
     if not args.prompt and not interrupted:   # (a continuation is heard from its first frame: the recording)
+        # eager even with --compile: batch 1 is a new shape, which would compile again first
         first = prompt[:1]
-        wait = first_sound(model, tokenizer, codec, first, allowed=allowed, decoder=decoder, cfg_scale=args.cfg,
-                           uncond_prompt=tokenizer.unconditional(first) if guided else None)
-        print(f"the first 100 ms of a note are heard {wait:.2f} s after asking (batch 1, codec decoding included)")
+        wait = first_sound(model, tokenizer, codec, first, allowed=allowed, use_kv_cache=not args.no_kv_cache,
+                           cfg_scale=args.cfg, uncond_prompt=tokenizer.unconditional(first) if guided else None)
+        print(f"the first 100 ms of a note are heard {wait:.2f} s after asking (batch 1, codec decoding included"
+              + (", not compiled)" if args.compile else ")"))
     summary = pitch_report(written, crepe=args.crepe) if args.report else None
     notes = summary.notes if summary else [NoteResult(path, midi, velocity, source=source_name)
                                             for path, midi, velocity, source_name in written]
