@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The laptop run: from a fresh clone to a page of guitar notes you can hear, at the pitches and velocities asked,
-# offline once the packages are installed. Measured from a fresh clone on 2 CPU cores: TODO-WALLTIME (the pip
-# install 1.8 min; rendering 14 s, the codec 10.1 min, the language model 6.1 min, sampling and measuring 3.0 min).
+# offline once the packages are installed. Measured from a fresh clone on 2 CPU cores (2026-12-06): 25.4 min (pip
+# 2.0 min, rendering 18 s, the codec 12.1 min, the language model 8.0 min, sampling and measuring 3.0 min); the same
+# programs took 21.2 min that morning on a less busy machine of the same kind.
 #
 #     ./laptop.sh                  # Debian/Ubuntu: installs what is missing (apt-get as root or with sudo), then runs
 #
@@ -88,7 +89,7 @@ else
         echo "no apt-get here: install FluidSynth and a General MIDI SoundFont with your system's packages"
     fi
 
-    stage 2 "Python packages into .venv: PyTorch and the rest (1.8 min measured; seconds when installed) ..."
+    stage 2 "Python packages into .venv: PyTorch and the rest (about 2 min measured; seconds when installed) ..."
     python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
         || { echo "error: codecgpt needs Python 3.10 or newer; python3 is $(python3 -V 2>&1)" >&2; exit 1; }
     [ -x "$ROOT/.venv/bin/python" ] || python3 -m venv "$ROOT/.venv"
@@ -109,7 +110,7 @@ fi
 
 if [ -z "$why" ]; then
     DATA=("${GUITAR_DATA[@]}")
-    stage 3 "rendering guitar notes from the system's SoundFonts with FluidSynth into data/ (14 s measured) ..."
+    stage 3 "rendering guitar notes from the system's SoundFonts with FluidSynth into data/ (14-18 s measured) ..."
     "$PY" "$ROOT/prepare.py" "${RENDER[@]}"
 else
     DATA=("${SYNTHETIC_DATA[@]}")
@@ -119,13 +120,13 @@ else
     "$PY" "$ROOT/prepare.py" "${SYNTHETIC[@]}"
 fi
 
-stage 4 "training the codec into out-codec/ (10.1 min measured; it prints its own estimate after its first steps) ..."
+stage 4 "training the codec into out-codec/ (10-12 min measured; it prints its own estimate after its first steps) ..."
 "$PY" "$ROOT/train_codec.py" "${DATA[@]}" "${CODEC[@]}"
 
-stage 5 "encoding the notes with it, then training the language model into out/ (6.1 min measured, both) ..."
+stage 5 "encoding the notes with it, then training the language model into out/ (6-8 min measured, both) ..."
 "$PY" "$ROOT/train.py" "${DATA[@]}" "${LM[@]}"
 
-stage 6 "sampling the notes asked for into samples/ and measuring their pitch and loudness (3.0 min measured) ..."
+stage 6 "sampling the notes asked for into samples/ and measuring their pitch and loudness (3 min measured) ..."
 report=$(mktemp)
 trap 'rm -f "$report"' EXIT
 PYTHONUNBUFFERED=1 "$PY" "$ROOT/sample.py" "${SAMPLE[@]}" | tee "$report"

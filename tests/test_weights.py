@@ -110,3 +110,18 @@ def test_sample_writes_notes_with_each_weight_format(reference_run, tmp_path):
                      "--device", "cpu", "--out-dir", str(out), cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-2000:]
         assert len(list(out.glob("*.wav"))) == 2, kind
+
+
+@pytest.mark.slow
+def test_bench_weights_scores_every_format_on_held_out_notes(reference_run, tmp_path):
+    """bench.py --only weights: one row per format on the checkpoint's validation notes, float32's against itself
+    exactly (every argmax the same, KL 0), int8's close to it, each with train.py's validation loss."""
+    import json
+    result = run("bench.py", "--only", "weights", "--ckpt", str(reference_run / "best.pt"), "--repeats", "1",
+                 "--device", "cpu", "--json", str(tmp_path / "bench.json"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {r["name"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    assert {"float32", "int8"} <= set(rows) and ("bfloat16" in rows) == cli.native_bf16("cpu")
+    assert rows["float32"]["same_argmax"] == 1 and rows["float32"]["kl_nats"] == pytest.approx(0, abs=1e-6)
+    assert rows["int8"]["same_argmax"] >= 0.9 and 0 < rows["int8"]["kl_nats"] < 0.05
+    assert rows["int8"]["val_loss"] == pytest.approx(rows["float32"]["val_loss"], rel=0.05)
