@@ -185,7 +185,7 @@ def test_sample_asks_for_each_source_of_a_list(trained, tmp_path, monkeypatch):
     assert names == sorted(f"sample_pitch50_vel{v}_{s}.wav" for v in (25, 127) for s in ("acoustic", "electronic"))
     tok = tokenizer_from_checkpoint(torch.load(out / "best.pt", weights_only=True))
     *notes, first_sound = prompts        # the last generate is the first-100-ms measure: one note's prompt again
-    assert torch.equal(first_sound, notes[0][:1])
+    assert torch.equal(first_sound, notes[-1][:1])
     sources = torch.cat(notes)[:, 3]     # BOS, pitch, velocity, source
     expected = tok.condition_tokens(None, None, torch.tensor([0, 1, 0, 1]), 4)[:, 2]
     assert torch.equal(sources, expected)

@@ -89,7 +89,9 @@ def test_each_note_gets_its_own_pitch_and_velocity_tokens(trained, tmp_path, mon
                               "--out-dir", str(tmp_path), "--device", "cpu", "--batch-size", "3"])
     paths = sample.sample(args)
     assert [p.name for p in paths] == [f"sample_pitch{p}_vel{v}.wav" for p in (50, 62) for v in (25, 127)]
-    conditions = torch.cat(prompts)[:, 1:3]  # after BOS: pitch, velocity
+    *notes, first_sound = prompts   # the last generate: the first-100-ms measure, the last batch's first note
+    assert torch.equal(first_sound, notes[-1][:1])
+    conditions = torch.cat(notes)[:, 1:3]  # after BOS: pitch, velocity
     pitch, velocity = (conditions - conditions[0]).T.tolist()
     assert pitch == [0, 0, 12, 12] and velocity == [0, 102, 0, 102]
 
