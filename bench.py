@@ -6,6 +6,7 @@ Benchmarks: codecgpt side by side with x-transformers and the reference recipe, 
     python bench.py --json bench.json     # also write every number (rewritten after every row)
     python bench.py --only patterns       # one part: sample, train, encode, patterns, guard or codec
     python bench.py --only weights --ckpt out/best.pt   # a trained model's held-out loss and speed per weight format
+    python bench.py --only sizes          # each weight format on models past the CPU's cache
     python bench.py --device cuda --quick # the GPU check's short run (.ci/gpu): the rows of the H100 targets
 
 x-transformers is imported here and in the tests only (it is a dev dependency, requirements-dev.txt); codecgpt itself
@@ -235,6 +236,28 @@ def bench_sampling(args) -> None:
             if naive and r["section"] == section and r["name"].startswith("codecgpt"):
                 r["ratio_vs_naive"] = naive["seconds"] / r["seconds"]
                 print(f"  {r['name']:<44} {r['ratio_vs_naive']:6.2f}x vs the naive loop")
+
+
+def bench_sizes(args) -> None:
+    """Each weight format at batch 1 on models past the cache: the reference size (21 MB of float32 products), dim 512
+    / depth 8 (105 MB) and dim 1024 / depth 12 (613 MB), random weights, 50 tokens from BOS. Where the weights no
+    longer fit the CPU's cache the floor is memory's, and int8's quarter of the bytes should show."""
+    prompt = torch.zeros(1, 1, dtype=torch.long, device=args.device)
+    print("\nweight formats by model size: batch 1, 50 tokens from BOS")
+    for dim, depth in ((REFERENCE["dim"], REFERENCE["depth"]), (512, 8), (1024, 12)):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=2049, max_seq_len=64, dim=dim, depth=depth, heads=dim // 64))
+        model.to(args.device).eval()
+        megabytes = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)) * 4 / 1e6
+        section = f"sizes dim {dim} depth {depth}"
+        print(f" dim {dim}, depth {depth}: {megabytes:.0f} MB of float32 matrices")
+        for kind in weight_formats(args.device):
+            sampler = model if kind == "float32" else quantize_weights(model, kind)
+            sampler.set_attention("fused")
+            floor = matmul_floor(sampler, 1, args.device, args.repeats, steps=20)["seconds"] * 50
+            r = timed(lambda: sampler.generate(prompt, 50), args.repeats, args.device)
+            report(section, kind, r, 50 / r["seconds"], "tokens/s", baseline="float32",
+                   float32_megabytes=megabytes, floor_share=floor / r["seconds"])
 
 
 def bench_weights(args) -> None:
@@ -605,8 +628,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     p.add_argument("--only", default=None,
-                   help="comma-separated parts to run, from: sample, train, encode, patterns, guard, codec, weights "
-                        "(default: all but weights, which needs a trained --ckpt; with --quick also not patterns)")
+                   help="comma-separated parts to run, from: sample, train, encode, patterns, guard, codec, weights, "
+                        "sizes (default: all but weights, which needs a trained --ckpt, and sizes, 1.5 GB of models; "
+                        "with --quick also not patterns)")
     p.add_argument("--quick", action="store_true",
                    help="the GPU check's short run (.ci/gpu; under 3 minutes on one H100): sampling at batch 1 and "
                         "256 without the naive loop, training at batch 125 (and dim 512 / depth 12 at 32) with the "
@@ -650,7 +674,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
     parts = set(args.only.split(","))
-    known = {"sample", "train", "encode", "patterns", "guard", "codec", "weights"}
+    known = {"sample", "train", "encode", "patterns", "guard", "codec", "weights", "sizes"}
     if not parts <= known:
         p.error(f"--only: unknown parts {sorted(parts - known)}")
     args.parts = parts
@@ -695,9 +719,9 @@ def main(argv=None) -> None:
     t0 = time.time()
     # --quick puts the slowest part (compiling two training steps) last: under a time limit it is the one cut short
     order = (("encode", "sample", "guard", "codec", "train") if args.quick
-             else ("sample", "train", "guard", "encode", "patterns", "codec", "weights"))
+             else ("sample", "train", "guard", "encode", "patterns", "codec", "weights", "sizes"))
     parts = {"sample": bench_sampling, "train": bench_training, "encode": bench_encoding, "patterns": bench_patterns,
-             "guard": bench_guard, "codec": bench_codec, "weights": bench_weights}
+             "guard": bench_guard, "codec": bench_codec, "weights": bench_weights, "sizes": bench_sizes}
     for part in order:
         if part in args.parts:
             parts[part](args)
