@@ -374,7 +374,8 @@ def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
 # ----------------------------------------------------------------------------------------------------
 # Faster paths: the same maths as above, measured faster (bench.py, docs/speed.md). Skip on a first read.
 # GPT.set_attention swaps in fast_attention or fused_attention and FastDropout; generate(decoder=CompiledDecoder)
-# decodes with the static shapes that torch.compile and CUDA graphs need.
+# decodes with the static shapes that torch.compile and CUDA graphs need; quantize_weights gives a copy whose weights
+# take fewer bytes (int8, bfloat16: nearly the same maths).
 
 def fast_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: nn.Module) -> Tensor:
     """explicit_attention in fewer passes over the scores: the mask becomes a bias of 0 / -inf that baddbmm adds
