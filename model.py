@@ -520,11 +520,18 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.round(w / scales[:, None]).to(torch.int8))
         self.register_buffer("scales", scales)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+        # The CPU kernel's copy of the scales, made once here and after a load_state_dict, not at every token
+        self.register_buffer("scales_bf16", scales.to(torch.bfloat16), persistent=False)
+        self.register_load_state_dict_post_hook(Int8Linear.scales_loaded)
+
+    @staticmethod
+    def scales_loaded(module: Int8Linear, incompatible_keys) -> None:
+        module.scales_bf16.copy_(module.scales)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type == "cpu":
             rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-            y = torch._weight_int8pack_mm(rows, self.weight, self.scales.to(torch.bfloat16)).to(x.dtype)
+            y = torch._weight_int8pack_mm(rows, self.weight, self.scales_bf16).to(x.dtype)
             y = y.view(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
