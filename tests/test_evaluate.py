@@ -48,8 +48,10 @@ def test_crepe_scores_a_tone_at_its_pitch_and_not_a_semitone_off():
     tone = sum(0.3 / k * np.sin(2 * np.pi * k * pitch.midi_to_hz(57) * t) for k in range(1, 8))
     f0, confidence = pitch.crepe_f0(tone, SAMPLE_RATE)
     right, wrong = pitch.crepe_score(f0, confidence, 57), pitch.crepe_score(f0, confidence, 58)
-    assert right.rpa > 0.9 and right.error < 0.1 and not right.outlier
-    assert wrong.rpa < 0.05 and 0.9 < wrong.error < 1.1
+    # Viterbi decoding gives the centres of CREPE's 20-cent bins: a right tone reads up to 10 cents off before the
+    # network's own error (8-10 cents here; 10.3 on another CPU), so "right" is within a fifth of a semitone.
+    assert right.rpa > 0.9 and right.error < 0.2 and not right.outlier
+    assert wrong.rpa < 0.05 and 0.8 < wrong.error < 1.2
     silent = pitch.crepe_score(f0, np.zeros_like(confidence), 57)
     assert silent.rpa == 0 and silent.outlier        # no confident frame: an outlier, as DDSP counts
 
