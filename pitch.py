@@ -31,7 +31,12 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import multiprocessing
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +58,8 @@ CREPE_HOP_SECONDS = 0.02    # one CREPE f0 every 20 ms (its own default is 10 ms
 CREPE_CONFIDENCE = 0.85     # DDSP's threshold: the frames CREPE is less confident of are not scored
 CREPE_OUTLIER_SEMITONES = 12.0  # DDSP's outliers: a note more than an octave off, or without a confident frame
 CREPE_FMIN = 32.7           # C1, the bottom of CREPE's range (torchcrepe masks everything below a lower floor)
+POOL_MIN_NOTES = 32         # pitch_report measures in one process per core from this many notes: a worker takes
+                            # 2-3 s to start, a spectrogram about 0.25 s to draw
 NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 
 
@@ -385,8 +392,9 @@ def pitch_report(notes_asked, out_dir: str | Path | None = None, pictures: bool 
     notes = []
     print(f"{'file':<48} {'requested':>16} {'estimated f0':>13} {'error':>12} {'velocity':>9} {'peak':>9} "
           f"{'attack':>9}" + ("    CREPE f0      error" if crepe else ""))
-    for path, midi, *asked in notes_asked:   # asked: [velocity[, source]]
-        note = measure(path, midi, out_dir, pictures, *asked, crepe=crepe)
+    jobs = [(path, midi, out_dir, pictures, *asked, None, None)[:6]   # asked: [velocity[, source]]
+            for path, midi, *asked in notes_asked]
+    for note in measured(jobs, crepe):
         notes.append(note)
         asked = f"{note_name(note.midi)} {midi_to_hz(note.midi):.1f} Hz"
         if note.problem:
@@ -404,6 +412,25 @@ def pitch_report(notes_asked, out_dir: str | Path | None = None, pictures: bool 
     for line in summary.lines:
         print(line)
     return summary
+
+
+def measured(jobs: list[tuple], crepe: str | None):
+    """measure(*job, crepe=crepe) for each job, in order. From POOL_MIN_NOTES notes on a machine of several cores, in
+    one worker process per core (matplotlib draws on one core: the spectrograms are most of the report's time).
+    Workers are spawned, not forked: a fork of a process that has run torch's thread pool can hang."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if cores < 2 or len(jobs) < POOL_MIN_NOTES:
+        yield from (measure(*job, crepe=crepe) for job in jobs)
+        return
+    with ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread) as pool:
+        yield from pool.map(partial(measure, crepe=crepe), *zip(*jobs), chunksize=4)
+
+
+def _one_thread() -> None:
+    """A worker's torch (CREPE) on one thread: the workers already share out the cores."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
 
 
 def crepe_columns(note: NoteResult) -> str:

@@ -126,6 +126,25 @@ def test_pitch_report_summary_line_and_pngs(tmp_path, capsys):
     assert width >= 600 and height >= 280
 
 
+def test_pitch_report_in_worker_processes_prints_and_draws_what_one_process_does(tmp_path, capsys, monkeypatch):
+    """From POOL_MIN_NOTES notes the report measures in worker processes: the same lines in the asked order, the
+    same summary, a picture per note."""
+    rng = np.random.default_rng(0)
+    items = []
+    for i, midi in enumerate((64, 45, 57, 69, 40, 52)):
+        path = tmp_path / f"pluck_{i}.wav"
+        sf.write(path, prepare.pluck(midi, 100, 1.0, data.SAMPLE_RATE, 0.996, 0.7, rng), data.SAMPLE_RATE)
+        items.append((path, midi, 25 + 20 * i, "acoustic"))
+    reports = []
+    for smallest_pool in (10**9, 1):          # one process, then the pool
+        monkeypatch.setattr(pitch, "POOL_MIN_NOTES", smallest_pool)
+        summary = pitch.pitch_report(items, out_dir=tmp_path / str(smallest_pool))
+        reports.append((capsys.readouterr().out, summary.lines, [(n.path, n.f0, n.source) for n in summary.notes]))
+        assert all(note.png.read_bytes()[:4] == b"\x89PNG" for note in summary.notes)
+    assert reports[0] == reports[1]
+    assert [line.split()[0] for line in reports[1][0].splitlines()[1:7]] == [f"pluck_{i}.wav" for i in range(6)]
+
+
 def test_missing_dependency_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "parselmouth", None)  # import parselmouth now raises ImportError
     with pytest.raises(ImportError, match="pip install praat-parselmouth"):
