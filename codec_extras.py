@@ -51,16 +51,18 @@ def generator_losses(disc: nn.Module, real: Tensor, fake: Tensor) -> tuple[Tenso
 
 @torch.no_grad()
 def evaluate(model: CodecModel, audio: Tensor, f0_hz: Tensor | None = None, bandwidths=(1.5, 6.0),
-             batch_size: int = 8, measure: Callable[[np.ndarray, np.ndarray], dict] | None = None) -> dict:
+             batch_size: int | None = None, measure: Callable[[np.ndarray, np.ndarray], dict] | None = None) -> dict:
     """On held-out notes audio (N, samples): per bandwidth, the loss (codec_loss, with the teacher f0 as in
     training), SI-SNR (dB), mel distance, perplexity per level, and whatever measure(originals, reconstructions)
     returns (train_codec.py: pitch and attack level kept, pitch.py; the reconstructions use the decoder's own f0,
     from the codes only). Returns {'bw1.5': {...}, 'bw6.0': {...}} and the reconstructions of the first bandwidth
-    under 'audio'."""
+    under 'audio'. batch_size None: one note at a time on a CPU, where a batch's synthesis tensors (B, harmonics,
+    samples) outgrow the cache (measured in docs/speed.md, "The laptop run's time"), 8 at a time elsewhere."""
     was_training = model.training
     model.eval()
     result, first = {}, None
     device = next(model.parameters()).device
+    batch_size = batch_size or (1 if device.type == "cpu" else 8)
     for bw in bandwidths:
         levels = BANDWIDTH_LEVELS[float(bw)]
         model.set_target_bandwidth(bw)

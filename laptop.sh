@@ -32,7 +32,7 @@ GUITAR_DATA=(--data soundfont-guitar)
 SYNTHETIC_DATA=(--data synthetic --synthetic-notes 2000)
 CODEC=(--out-dir out-codec)                           # train_codec.py's defaults are the CPU recipe
 LM=(--codec out-codec/codec.pt --pattern delay --dim 128 --depth 4 --heads 2 --batch-size 32 --max-iters 1200
-    --eval-interval 200 --warmup-iters 30 --lr 1e-3)  # out/best.pt
+    --eval-interval 300 --warmup-iters 30 --lr 1e-3)  # out/best.pt
 SAMPLE=(--pitch 40-88 --velocity 25,50,75,100,127 --source acoustic,electronic --temperature 0.7 --report)
 DEBIAN_PACKAGES="python3-venv libfluidsynth3 fluid-soundfont-gm timgm6mb-soundfont"
 

@@ -70,7 +70,8 @@ class Settings:
     adversarial: bool = False            # add EnCodec's multi-scale STFT discriminator
     eval_interval: int = 250
     eval_bandwidths: list[float] = field(default_factory=lambda: [1.5, 6.0])
-    eval_notes: int = 100                # held-out notes evaluated, spread evenly over the split
+    eval_notes: int = 50                 # held-out notes evaluated every --eval-interval, spread evenly over the split
+                                         # (a watch on the run; the test at the end measures --test-notes)
     test_notes: int = 200                # at the end: this many of the test split's (instruments never trained on)
     test_folders: list[str] = field(default_factory=list)   # at the end: these folders' notes too
     no_pitch_eval: bool = False
