@@ -4,7 +4,7 @@ Benchmarks: codecgpt side by side with x-transformers and the reference recipe, 
     python bench.py                       # CPU: sampling, training steps, encoding; prints a table
     python bench.py --device cuda         # the same on a GPU, plus compiled decoding, --compile training and MFU
     python bench.py --json bench.json     # also write every number (rewritten after every row)
-    python bench.py --only patterns       # one part: sample, train, encode, patterns, guard or codec
+    python bench.py --only patterns       # one part: sample, train, encode, patterns, guard, codec or report
     python bench.py --only weights --ckpt out/best.pt   # a trained model's held-out loss and speed per weight format
     python bench.py --only sizes          # each weight format on models past the CPU's cache
     python bench.py --device cuda --quick # the GPU check's short run (.ci/gpu): the rows of the H100 targets
@@ -550,6 +550,44 @@ def bench_codec(args) -> None:
             r = timed(lambda: model.decode(codes), args.repeats, args.device)
             report("codec decode 1.5 kbps", size, r, args.notes / r["seconds"], "notes/s",
                    baseline="small" if size == "encodec" else None)
+    # the held-out evaluation as train_codec.py runs it (codec_extras.evaluate: the loss, the reconstructions, their
+    # SI-SNR and mel distance) of the small codec: 8 notes at a time against one at a time, its default on a CPU
+    from codec_extras import evaluate
+    model, f0 = C.make_codec(C.CodecConfig(size="small")).to(args.device), torch.full((args.notes,), 220.0)
+    for batch in (8, 1):
+        r = timed(lambda: evaluate(model, notes, f0, bandwidths=(1.5,), batch_size=batch), args.repeats, args.device)
+        report("codec evaluate 1.5 kbps", f"small, {batch} at a time", r, args.notes / r["seconds"], "notes/s",
+               baseline="small, 8 at a time" if batch == 1 else None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The report
+
+def bench_report(args) -> None:
+    """sample.py --report's measuring (pitch.pitch_report: Praat's pitch, the levels and a spectrogram of each note)
+    of --notes plucks of 1.67 s, in this process and in a worker process per core (what it does from
+    pitch.POOL_MIN_NOTES notes on), the workers' start included."""
+    import contextlib
+    import io
+
+    import pitch
+    rng, smallest_pool = np.random.default_rng(0), pitch.POOL_MIN_NOTES
+    print(f"\n== report: {args.notes} notes measured and drawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        items = []
+        for i in range(args.notes):
+            path, midi = Path(tmp) / f"pluck_{i}.wav", 40 + i % 49
+            sf.write(path, prepare.pluck(midi, 100, 1.67, data.SAMPLE_RATE, 0.996, 0.7, rng), data.SAMPLE_RATE)
+            items.append((path, midi, 100))
+        try:
+            for name, pool_from in (("one process", 10**9), ("a worker per core", 1)):
+                pitch.POOL_MIN_NOTES = pool_from
+                with contextlib.redirect_stdout(io.StringIO()):
+                    r = timed(lambda: pitch.pitch_report(items), args.repeats, "cpu")
+                report("report", name, r, args.notes / r["seconds"], "notes/s",
+                       baseline="one process" if pool_from == 1 else None)
+        finally:
+            pitch.POOL_MIN_NOTES = smallest_pool
 
 
 def small_codec(kbps: float, device: str) -> data.Codec:
@@ -628,9 +666,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     p.add_argument("--only", default=None,
-                   help="comma-separated parts to run, from: sample, train, encode, patterns, guard, codec, weights, "
-                        "sizes (default: all but weights, which needs a trained --ckpt, and sizes, 1.5 GB of models; "
-                        "with --quick also not patterns)")
+                   help="comma-separated parts to run, from: sample, train, encode, patterns, guard, codec, report, "
+                        "weights, sizes (default: all but weights, which needs a trained --ckpt, and sizes, 1.5 GB of "
+                        "models; with --quick also not patterns and report)")
     p.add_argument("--quick", action="store_true",
                    help="the GPU check's short run (.ci/gpu; under 3 minutes on one H100): sampling at batch 1 and "
                         "256 without the naive loop, training at batch 125 (and dim 512 / depth 12 at 32) with the "
@@ -667,14 +705,14 @@ def parse_args(argv=None) -> argparse.Namespace:
              "notes": 128 if cuda else 4, "only": "sample,train,encode,guard,codec"}
     usual = {"repeats": 3, "batches": "1,16,64,256" if cuda else "1,16,64", "naive_max_batch": 16,
              "sample_tokens": SAMPLE_TOKENS, "train_batches": "16,125", "notes": 64,
-             "only": "sample,train,encode,patterns,guard,codec"}
+             "only": "sample,train,encode,patterns,guard,codec,report"}
     for name, value in (quick if args.quick else usual).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
     parts = set(args.only.split(","))
-    known = {"sample", "train", "encode", "patterns", "guard", "codec", "weights", "sizes"}
+    known = {"sample", "train", "encode", "patterns", "guard", "codec", "report", "weights", "sizes"}
     if not parts <= known:
         p.error(f"--only: unknown parts {sorted(parts - known)}")
     args.parts = parts
@@ -719,9 +757,10 @@ def main(argv=None) -> None:
     t0 = time.time()
     # --quick puts the slowest part (compiling two training steps) last: under a time limit it is the one cut short
     order = (("encode", "sample", "guard", "codec", "train") if args.quick
-             else ("sample", "train", "guard", "encode", "patterns", "codec", "weights", "sizes"))
+             else ("sample", "train", "guard", "encode", "patterns", "codec", "report", "weights", "sizes"))
     parts = {"sample": bench_sampling, "train": bench_training, "encode": bench_encoding, "patterns": bench_patterns,
-             "guard": bench_guard, "codec": bench_codec, "weights": bench_weights, "sizes": bench_sizes}
+             "guard": bench_guard, "codec": bench_codec, "report": bench_report, "weights": bench_weights,
+             "sizes": bench_sizes}
     for part in order:
         if part in args.parts:
             parts[part](args)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The laptop run: from a fresh clone to a page of guitar notes you can hear, at the pitches and velocities asked,
-# offline once the packages are installed. Measured from a fresh clone on 2 CPU cores (2026-12-06): 25.4 min (pip
-# 2.0 min, rendering 18 s, the codec 12.1 min, the language model 8.0 min, sampling and measuring 3.0 min); the same
-# programs took 21.2 min that morning on a less busy machine of the same kind.
+# offline once the packages are installed. Measured from a fresh clone on 2 CPU cores (2026-12-06, the machine idle):
+# 16.2 min (pip 1.3 min, rendering 12 s, the codec 7.3 min, the language model 5.9 min, sampling and measuring
+# 1.4 min). The cores of these machines are shared: the same run took 25.4 min on a busy one (before its evaluations
+# and its report were made cheaper), so read each stage's own estimate.
 #
 #     ./laptop.sh                  # Debian/Ubuntu: installs what is missing (apt-get as root or with sudo), then runs
 #
@@ -89,7 +90,7 @@ else
         echo "no apt-get here: install FluidSynth and a General MIDI SoundFont with your system's packages"
     fi
 
-    stage 2 "Python packages into .venv: PyTorch and the rest (about 2 min measured; seconds when installed) ..."
+    stage 2 "Python packages into .venv: PyTorch and the rest (1.3-2 min measured; seconds when installed) ..."
     python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
         || { echo "error: codecgpt needs Python 3.10 or newer; python3 is $(python3 -V 2>&1)" >&2; exit 1; }
     [ -x "$ROOT/.venv/bin/python" ] || python3 -m venv "$ROOT/.venv"
@@ -110,7 +111,7 @@ fi
 
 if [ -z "$why" ]; then
     DATA=("${GUITAR_DATA[@]}")
-    stage 3 "rendering guitar notes from the system's SoundFonts with FluidSynth into data/ (14-18 s measured) ..."
+    stage 3 "rendering guitar notes from the system's SoundFonts with FluidSynth into data/ (12-18 s measured) ..."
     "$PY" "$ROOT/prepare.py" "${RENDER[@]}"
 else
     DATA=("${SYNTHETIC_DATA[@]}")
@@ -120,13 +121,13 @@ else
     "$PY" "$ROOT/prepare.py" "${SYNTHETIC[@]}"
 fi
 
-stage 4 "training the codec into out-codec/ (10-12 min measured; it prints its own estimate after its first steps) ..."
+stage 4 "training the codec into out-codec/ (7-12 min measured; it prints its own estimate after its first steps) ..."
 "$PY" "$ROOT/train_codec.py" "${DATA[@]}" "${CODEC[@]}"
 
 stage 5 "encoding the notes with it, then training the language model into out/ (6-8 min measured, both) ..."
 "$PY" "$ROOT/train.py" "${DATA[@]}" "${LM[@]}"
 
-stage 6 "sampling the notes asked for into samples/ and measuring their pitch and loudness (3 min measured) ..."
+stage 6 "sampling the notes asked for into samples/ and measuring their pitch and loudness (1.5-3 min measured) ..."
 report=$(mktemp)
 trap 'rm -f "$report"' EXIT
 PYTHONUNBUFFERED=1 "$PY" "$ROOT/sample.py" "${SAMPLE[@]}" | tee "$report"
