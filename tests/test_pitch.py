@@ -1,5 +1,6 @@
 """The pitch tracker and the loudness measure: real labelled guitar notes, synthetic notes of known pitch and level,
 silence, the report and the CLI."""
+import json
 import math
 import re
 import struct
@@ -143,6 +144,17 @@ def test_pitch_report_in_worker_processes_prints_and_draws_what_one_process_does
         assert all(note.png.read_bytes()[:4] == b"\x89PNG" for note in summary.notes)
     assert reports[0] == reports[1]
     assert [line.split()[0] for line in reports[1][0].splitlines()[1:7]] == [f"pluck_{i}.wav" for i in range(6)]
+
+
+@pytest.mark.slow
+def test_bench_times_the_report_in_one_process_and_in_workers(tmp_path):
+    """bench.py --only report: both rows, timed in one run, the workers' against one process."""
+    result = run("bench.py", "--only", "report", "--notes", "3", "--repeats", "1", "--json", "b.json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [(r["section"], r["name"], r["vs"]) for r in rows] == [("report", "one process", None),
+                                                                  ("report", "a worker per core", "one process")]
+    assert rows[0]["notes/s"] > 0 and rows[1]["ratio"] > 0
 
 
 def test_missing_dependency_says_how_to_install(monkeypatch):
