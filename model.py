@@ -487,11 +487,15 @@ class StaticDecoder:
 
 class CompiledDecoder(StaticDecoder):
     """StaticDecoder's step through torch.compile (gpt-fast's recipe). With mode="reduce-overhead" on CUDA the
-    graph is also recorded as a CUDA graph: one launch per token instead of one per kernel."""
+    graph is also recorded as a CUDA graph: one launch per token instead of one per kernel. On a CPU (mode None)
+    inductor's C++ wrapper calls the step's kernels from C++ instead of Python: a step is over a hundred kernels of
+    a few microseconds each, and the Python between them took about a quarter of its time (docs/speed.md)."""
 
     def __init__(self, model: GPT, mode: str | None = None):
         super().__init__(model)
-        self.compiled_step = torch.compile(self.step, mode=mode, fullgraph=True, dynamic=False)
+        on_cpu = mode is None and model.embed.weight.device.type == "cpu"
+        options = {"cpp_wrapper": True} if on_cpu else None
+        self.compiled_step = torch.compile(self.step, mode=mode, options=options, fullgraph=True, dynamic=False)
 
     def decode_one_token(self, token: Tensor, pos: int, caches: list[KVCache]) -> Tensor:
         # .clone(): a CUDA graph's output lives in memory that its next replay overwrites
