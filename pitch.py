@@ -60,6 +60,7 @@ CREPE_OUTLIER_SEMITONES = 12.0  # DDSP's outliers: a note more than an octave of
 CREPE_FMIN = 32.7           # C1, the bottom of CREPE's range (torchcrepe masks everything below a lower floor)
 POOL_MIN_NOTES = 32         # pitch_report measures in one process per core from this many notes: a worker takes
                             # 2-3 s to start, a spectrogram about 0.25 s to draw
+POOL_MAX_WORKERS = 8        # each worker imports the main program again (torch with it: a few hundred MB)
 NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 
 
@@ -416,13 +417,15 @@ def pitch_report(notes_asked, out_dir: str | Path | None = None, pictures: bool 
 
 def measured(jobs: list[tuple], crepe: str | None):
     """measure(*job, crepe=crepe) for each job, in order. From POOL_MIN_NOTES notes on a machine of several cores, in
-    one worker process per core (matplotlib draws on one core: the spectrograms are most of the report's time).
-    Workers are spawned, not forked: a fork of a process that has run torch's thread pool can hang."""
+    one worker process per core, up to POOL_MAX_WORKERS (matplotlib draws on one core: the spectrograms are most of
+    the report's time). Workers are spawned, not forked: a fork of a process that has run torch's thread pool can
+    hang."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if cores < 2 or len(jobs) < POOL_MIN_NOTES:
         yield from (measure(*job, crepe=crepe) for job in jobs)
         return
-    with ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread) as pool:
+    with ProcessPoolExecutor(min(cores, POOL_MAX_WORKERS), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_one_thread) as pool:
         yield from pool.map(partial(measure, crepe=crepe), *zip(*jobs), chunksize=4)
 
 
