@@ -416,12 +416,13 @@ def pitch_report(notes_asked, out_dir: str | Path | None = None, pictures: bool 
 
 
 def measured(jobs: list[tuple], crepe: str | None):
-    """measure(*job, crepe=crepe) for each job, in order. From POOL_MIN_NOTES notes on a machine of several cores, in
-    one worker process per core, up to POOL_MAX_WORKERS (matplotlib draws on one core: the spectrograms are most of
-    the report's time). Workers are spawned, not forked: a fork of a process that has run torch's thread pool can
-    hang."""
+    """measure(*job, crepe=crepe) for each job, in order. From POOL_MIN_NOTES notes with pictures or CREPE on a
+    machine of several cores, in one worker process per core, up to POOL_MAX_WORKERS (matplotlib draws on one core:
+    the spectrograms are most of the report's time; Praat alone takes milliseconds a note). Workers are spawned, not
+    forked: a fork of a process that has run torch's thread pool can hang."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if cores < 2 or len(jobs) < POOL_MIN_NOTES:
+    heavy = crepe or any(pictures for _, _, _, pictures, *_ in jobs)
+    if cores < 2 or len(jobs) < POOL_MIN_NOTES or not heavy:
         yield from (measure(*job, crepe=crepe) for job in jobs)
         return
     with ProcessPoolExecutor(min(cores, POOL_MAX_WORKERS), mp_context=multiprocessing.get_context("spawn"),
