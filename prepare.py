@@ -353,8 +353,8 @@ def render_soundfont(path: Path, instruments: list[dict], pitches: list[int], ve
                 wav = folder / f"{name}.wav"
                 if wav.exists() or name in done_silent:
                     continue
-                if os.getppid() != parent:   # the run was killed: stop with it (between two whole notes)
-                    return
+                if os.getppid() != parent:   # the run was killed: stop with it (between two whole notes), and
+                    os._exit(1)              # exit: a worker that returned would wait for its next task forever
                 audio = player.note(inst["program"], pitch, velocity)
                 if np.abs(audio).max() < SILENT_PEAK:
                     append_log(set_dir / "silent.jsonl", {"note": name})

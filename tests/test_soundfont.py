@@ -156,9 +156,13 @@ def test_a_killed_render_is_completed_without_rendering_twice(tmp_path):
     deadline = time.time() + 120
     while len(list(set_dir.glob("*/audio/*.wav"))) < 30 and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
+    children = child_processes(process.pid)   # the rendering process (and multiprocessing's resource tracker)
     process.kill()
     process.wait()
-    time.sleep(1)   # the rendering process sees its parent gone and stops after the note in hand
+    deadline = time.time() + 20    # the rendering process sees its parent gone and stops after the note in hand
+    while any(alive(pid) for pid in children) and time.time() < deadline:
+        time.sleep(0.1)
+    assert children and not any(alive(pid) for pid in children), "a child of the killed run is still alive"
     before = {p: p.stat().st_mtime_ns for p in set_dir.glob("*/audio/*.wav")}
     assert 0 < len(before) < 4 * 21 * 5 and not (set_dir / "complete.json").exists()
     result = run(*args, cwd=tmp_path)
@@ -169,6 +173,19 @@ def test_a_killed_render_is_completed_without_rendering_twice(tmp_path):
     assert not list(set_dir.rglob("*.tmp*"))
     for p in after:
         assert sf.info(p).frames == 4 * 16_000
+
+
+def child_processes(pid: int) -> list[int]:
+    """The processes pid started (Linux's /proc/PID/task/*/children)."""
+    return [int(c) for task in Path(f"/proc/{pid}/task").glob("*") for c in (task / "children").read_text().split()]
+
+
+def alive(pid: int) -> bool:
+    """pid runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def wav_bytes() -> bytes:
