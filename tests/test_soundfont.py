@@ -162,7 +162,8 @@ def test_a_killed_render_is_completed_without_rendering_twice(tmp_path):
     deadline = time.time() + 20    # the rendering process sees its parent gone and stops after the note in hand
     while any(alive(pid) for pid in children) and time.time() < deadline:
         time.sleep(0.1)
-    assert children and not any(alive(pid) for pid in children), "a child of the killed run is still alive"
+    if Path("/proc").exists():     # (Linux: where the children can be listed)
+        assert children and not any(alive(pid) for pid in children), "a child of the killed run is still alive"
     before = {p: p.stat().st_mtime_ns for p in set_dir.glob("*/audio/*.wav")}
     assert 0 < len(before) < 4 * 21 * 5 and not (set_dir / "complete.json").exists()
     result = run(*args, cwd=tmp_path)
