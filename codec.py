@@ -211,8 +211,8 @@ def harmonic_synth(f0: Tensor, amplitudes: Tensor) -> Tensor:
     f0_s = frames_to_samples(f0[:, None], samples)[:, 0]                  # (B, samples)
     amp_s = frames_to_samples(amplitudes, samples)                        # (B, K, samples)
     # phase in cycles, kept in [0, 1): a note runs to thousands of cycles, where float32 would lose the phase.
-    # k * cycles then stays below K, exact to a few millionths of a cycle: no second mod on the (B, K, samples)
-    # tensor (it cost a tenth of a training step on a CPU), since sin(2 pi k c) == sin(2 pi (k c mod 1)).
+    # k * cycles then stays below K, exact to a few millionths of a cycle, so the big (B, K, samples) tensor needs
+    # no second mod: sin(2 pi k c) == sin(2 pi (k c mod 1)).
     cycles = torch.cumsum(f0_s / SAMPLE_RATE, dim=-1) % 1.0
     # Schroeder's start phases pi k (k - 1) / K: the partials do not all peak together
     start = math.pi * k * (k - 1) / K

@@ -56,8 +56,8 @@ def evaluate(model: CodecModel, audio: Tensor, f0_hz: Tensor | None = None, band
     training), SI-SNR (dB), mel distance, perplexity per level, and whatever measure(originals, reconstructions)
     returns (train_codec.py: pitch and attack level kept, pitch.py; the reconstructions use the decoder's own f0,
     from the codes only). Returns {'bw1.5': {...}, 'bw6.0': {...}} and the reconstructions of the first bandwidth
-    under 'audio'. batch_size None: one note at a time on a CPU, where a batch's synthesis tensors (B, harmonics,
-    samples) outgrow the cache (measured in docs/speed.md, "The laptop run's time"), 8 at a time elsewhere."""
+    under 'audio'. batch_size None: one note at a time on a CPU, where the synthesizer's (B, harmonics, samples)
+    tensors of a larger batch outgrow the cache and run slower per note; 8 at a time elsewhere."""
     was_training = model.training
     model.eval()
     result, first = {}, None

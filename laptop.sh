@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
 # The laptop run: from a fresh clone to a page of guitar notes you can hear, at the pitches and velocities asked,
-# offline once the packages are installed. Measured from a fresh clone on 2 CPU cores (2026-12-06, the machine idle):
-# 16.2 min (pip 1.3 min, rendering 12 s, the codec 7.3 min, the language model 5.9 min, sampling and measuring
-# 1.4 min). The cores of these machines are shared: the same run took 25.4 min on a busy one (before its evaluations
-# and its report were made cheaper), so read each stage's own estimate.
+# offline once the packages are installed. The README gives its measured time; each stage below says what it costs
+# and prints the time it took.
 #
 #     ./laptop.sh                  # Debian/Ubuntu: installs what is missing (apt-get as root or with sudo), then runs
 #

@@ -489,7 +489,7 @@ class CompiledDecoder(StaticDecoder):
     """StaticDecoder's step through torch.compile (gpt-fast's recipe). With mode="reduce-overhead" on CUDA the
     graph is also recorded as a CUDA graph: one launch per token instead of one per kernel. On a CPU (mode None)
     inductor's C++ wrapper calls the step's kernels from C++ instead of Python: a step is over a hundred kernels of
-    a few microseconds each, and the Python between them took about a quarter of its time (docs/speed.md)."""
+    a few microseconds each, so the Python between them would be a large share of it."""
 
     def __init__(self, model: GPT, mode: str | None = None):
         super().__init__(model)

@@ -58,8 +58,8 @@ CREPE_HOP_SECONDS = 0.02    # one CREPE f0 every 20 ms (its own default is 10 ms
 CREPE_CONFIDENCE = 0.85     # DDSP's threshold: the frames CREPE is less confident of are not scored
 CREPE_OUTLIER_SEMITONES = 12.0  # DDSP's outliers: a note more than an octave off, or without a confident frame
 CREPE_FMIN = 32.7           # C1, the bottom of CREPE's range (torchcrepe masks everything below a lower floor)
-POOL_MIN_NOTES = 32         # pitch_report measures in one process per core from this many notes: a worker takes
-                            # 2-3 s to start, a spectrogram about 0.25 s to draw
+POOL_MIN_NOTES = 32         # pitch_report measures in one process per core from this many notes: below it,
+                            # starting the workers costs more than they save
 POOL_MAX_WORKERS = 8        # each worker imports the main program again (torch with it: a few hundred MB)
 NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 
@@ -395,7 +395,7 @@ def pitch_report(notes_asked, out_dir: str | Path | None = None, pictures: bool 
           f"{'attack':>9}" + ("    CREPE f0      error" if crepe else ""))
     jobs = [(path, midi, out_dir, pictures, *asked, None, None)[:6]   # asked: [velocity[, source]]
             for path, midi, *asked in notes_asked]
-    for note in measured(jobs, crepe):
+    for note in measure_all(jobs, crepe):
         notes.append(note)
         asked = f"{note_name(note.midi)} {midi_to_hz(note.midi):.1f} Hz"
         if note.problem:
@@ -415,7 +415,7 @@ def pitch_report(notes_asked, out_dir: str | Path | None = None, pictures: bool 
     return summary
 
 
-def measured(jobs: list[tuple], crepe: str | None):
+def measure_all(jobs: list[tuple], crepe: str | None):
     """measure(*job, crepe=crepe) for each job, in order. From POOL_MIN_NOTES notes with pictures or CREPE on a
     machine of several cores, in one worker process per core, up to POOL_MAX_WORKERS (matplotlib draws on one core:
     the spectrograms are most of the report's time; Praat alone takes milliseconds a note). Workers are spawned, not
